@@ -1,0 +1,174 @@
+"""The ``progidiff`` command: segment, train, evaluate (one verb per job, as nnU-Net)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ProGiDiffError
+
+log = logging.getLogger("progidiff")
+
+EPILOG_SEGMENT = """example:
+  progidiff segment scan.nii.gz --prompt liver --proposals 8 -o out/
+  progidiff segment dicom_folder/ --prompt "left kidney" --steps 6 --seed 1 -o out/
+  accelerate launch -m progidiff.cli segment cohort/ --prompt pancreas -o results/   # cases split over GPUs
+"""
+EPILOG_TRAIN = """example:
+  progidiff train ../shared/data/ct-abdomen -o my_model --organs liver spleen
+  accelerate launch -m progidiff.cli train DATASET -o MODEL --mixed-precision bf16   # several GPUs
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train import DEFAULT_ORGANS, TrainConfig
+
+    d = TrainConfig(dataset="", output="")
+    p = sub.add_parser("train", help="train a model on an nnU-Net/MSD-style dataset",
+                       description="Train a ProGiDiff model (stage 1: base mask prior; stage 2: ControlNet branch + image encoder, base frozen).",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", help="folder with imagesTr/, labelsTr/ and dataset.json")
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
+    p.add_argument("--organs", nargs="+", default=list(DEFAULT_ORGANS), help="organs to learn (vocabulary names)")
+    p.add_argument("--base-model", help="local Stable Diffusion folder to build on (skips stage 1)")
+    p.add_argument("--stage1-steps", type=int, default=d.stage1_steps)
+    p.add_argument("--stage2-steps", type=int, default=d.stage2_steps)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--holdout-fraction", type=float, default=0.0,
+                   help="hold out a central slab of this fraction of the organs' extent (for evaluate)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints")
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loading worker processes")
+
+
+def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(dataset=a.dataset, output=a.output, organs=tuple(a.organs), base_model=a.base_model,
+                      stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, batch_size=a.batch_size,
+                      lr=a.lr, seed=a.seed, holdout_fraction=a.holdout_fraction,
+                      mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,
+                      resume=a.resume, workers=a.workers, command="progidiff " + shlex.join(argv))
+    out = train(cfg)
+    print(f"model saved to {out}")
+    return 0
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="write N mask proposals for an organ prompt",
+                       description="Segment an organ named by a text prompt: writes proposal_NN.nii.gz (best first), "
+                                   "consensus.nii.gz, uncertainty.nii.gz, proposals.seg.nrrd, overview.png and report.json.",
+                       epilog=EPILOG_SEGMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM folders, or folders of them")
+    p.add_argument("--prompt", required=True, help="the organ, e.g. liver, 'left kidney', hepatic, IVC")
+    p.add_argument("-n", "--proposals", type=int, default=8, help="number of proposals N (default 8)")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
+    p.add_argument("--scheduler", default="dpm++", help="dpm++ (default) or ddim")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
+    p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
+    p.add_argument("--model", help="model folder (default: the shipped CT model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--batch-size", type=_positive_int, help="slices per model call (default: from the device)")
+    p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (one subfolder per case for several inputs)")
+
+
+def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
+    import signal
+
+    from tqdm.auto import tqdm
+
+    from .engine import Engine, SegmentOptions
+    from .segment import segment_file
+    from .volume import case_name, find_inputs
+
+    opts = SegmentOptions(proposals=a.proposals, steps=a.steps, scheduler=a.scheduler, seed=a.seed,
+                          modality=a.modality, batch_size=a.batch_size)
+    opts.validate()
+    inputs = find_inputs(a.inputs)
+    out = Path(a.output)
+    rank, world, device = 0, 1, a.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under `accelerate launch`, each process takes every world-th case on its own device.
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank, world = state.process_index, state.num_processes
+        device = str(state.device.type) if a.device == "auto" else a.device
+    jobs = [(p, out if len(inputs) == 1 else out / case_name(p)) for p in inputs][rank::world]
+    from .outputs import check_output_dir
+    for _, o in jobs:
+        check_output_dir(o, a.overwrite)
+    # SIGTERM takes the same path as Ctrl-C: staging folders are removed, outputs untouched.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    engine = Engine(a.model, device=device)
+    engine.resolve(a.prompt)
+    for path, o in jobs:
+        bar = tqdm(total=1, desc=f"{case_name(path)}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            report = segment_file(engine, path, a.prompt, o, opts, overwrite=a.overwrite, progress=progress,
+                                  series=a.series)
+        finally:
+            bar.close()
+        vol = report["volume_ml"]
+        print(f"{case_name(path)}: {report['organ_display']} · {len(report['proposals'])} proposals · agreement "
+              f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL (min/median/max)"
+              f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="progidiff", description="Prompt-guided diffusion segmentation proposals for CT/MR.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment(sub)
+    _add_train(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    runners = {"train": _run_train, "segment": _run_segment}
+    try:
+        return runners[a.command](a, argv)
+    except ProGiDiffError as exc:
+        if a.debug:
+            raise
+        print(f"progidiff: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("progidiff: cancelled; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Datasets in the nnU-Net / MSD convention, prepared on the model grid, and the
+training-slice pipeline (balanced sampling + MONAI dictionary augmentation).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .prompts import Vocabulary
+from .volume import (GridSpec, context_slices, guess_modality, label_to_model_grid, model_grid, read_scan,
+                     to_model_grid)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseEntry:
+    name: str
+    image: Path
+    label: Path | None
+
+
+@dataclass
+class DatasetInfo:
+    root: Path
+    labels: dict[str, int]
+    modality: str | None
+    cases: list[CaseEntry]
+
+
+def read_dataset(root: str | os.PathLike) -> DatasetInfo:
+    """Parse ``dataset.json`` (nnU-Net v2 ``labels: {name: value}`` or MSD ``{value: name}``)."""
+    r = Path(root)
+    meta_path = r / "dataset.json"
+    if not meta_path.is_file():
+        raise InputError(f"{r}: no dataset.json; a dataset folder holds imagesTr/, labelsTr/ and dataset.json (nnU-Net convention).")
+    meta = json.loads(meta_path.read_text())
+    raw = meta.get("labels", {})
+    labels: dict[str, int] = {}
+    for k, v in raw.items():
+        if isinstance(v, str) and str(k).lstrip("-").isdigit():
+            labels[v] = int(k)  # MSD: {"1": "liver"}
+        else:
+            labels[str(k)] = int(v if not isinstance(v, list) else v[0])
+    chans = meta.get("channel_names") or meta.get("modality") or {}
+    modality = None
+    if chans:
+        first = str(list(chans.values())[0]).upper()
+        modality = "CT" if "CT" in first else ("MR" if first.startswith("MR") or "T1" in first or "T2" in first else None)
+    cases: list[CaseEntry] = []
+    images = sorted((r / "imagesTr").glob("*_0000.*"))
+    if not images:
+        raise InputError(f"{r / 'imagesTr'}: no images named CASE_0000.nii.gz.")
+    for img in images:
+        name = img.name.split("_0000.")[0]
+        suffix = img.name[len(name) + len("_0000"):]
+        lab = r / "labelsTr" / f"{name}{suffix}"
+        cases.append(CaseEntry(name, img, lab if lab.is_file() else None))
+    return DatasetInfo(r, labels, modality, cases)
+
+
+@dataclass
+class PreparedCase:
+    """One scan on the model grid: image (Z, H, W) in [0, 1], one mask per organ, world z per slice."""
+
+    name: str
+    modality: str
+    image: np.ndarray
+    masks: dict[str, np.ndarray]
+    z_world: np.ndarray
+    grid: sitk.Image = field(repr=False)
+    scan_image: sitk.Image = field(repr=False)
+    label_image: sitk.Image | None = field(default=None, repr=False)
+
+
+def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, grid: GridSpec,
+                 organs: Sequence[str], modality: str | None = None) -> PreparedCase:
+    scan = read_scan(entry.image)
+    mod = modality or guess_modality(scan)[0]
+    ref = model_grid(scan.image, grid, mod)
+    image = to_model_grid(scan.image, ref, mod)
+    masks: dict[str, np.ndarray] = {}
+    label_img = None
+    if entry.label is not None:
+        label_img = sitk.ReadImage(str(entry.label))
+        lab_arr = sitk.GetArrayViewFromImage(label_img)
+        for name, value in labels.items():
+            organ = vocab.organ_for_label_name(name)
+            if organ is None or organ.name not in organs:
+                continue
+            binary = sitk.GetImageFromArray((lab_arr == value).astype(np.uint8))
+            binary.CopyInformation(label_img)
+            masks[organ.name] = label_to_model_grid(binary, ref)
+    z0, sz, nz = ref.GetOrigin()[2], ref.GetSpacing()[2], ref.GetSize()[2]
+    return PreparedCase(entry.name, mod, image, masks, z0 + sz * np.arange(nz), ref, scan.image, label_img)
+
+
+def augmentation(keys: tuple[str, str] = ("image", "label"), strong: bool = True):
+    """MONAI dictionary transforms that make one body look like others.
+
+    Spatial: rotation ±15°, scale ±25 % (body size), shift ±8 px (crop/field of view),
+    elastic deformation. Intensity: contrast (gamma), scale/shift (window, contrast
+    phase), blur and low-resolution simulation (slice thickness, reconstruction kernel),
+    noise, and a bias field (MR inhomogeneity). No left-right flip: the vocabulary has
+    left and right organs.
+    """
+    from monai import transforms as T
+
+    img, lab = keys
+    p = 1.0 if strong else 0.5
+    return T.Compose([
+        T.RandAffined(keys=[img, lab], prob=0.9 * p, rotate_range=(0.26,), scale_range=(0.25, 0.25),
+                      translate_range=(8, 8), mode=("bilinear", "nearest"), padding_mode="zeros"),
+        T.Rand2DElasticd(keys=[img, lab], prob=0.2 * p, spacing=(16, 16), magnitude_range=(0.5, 1.5),
+                         mode=("bilinear", "nearest"), padding_mode="zeros"),
+        T.RandSimulateLowResolutiond(keys=[img], prob=0.2 * p, zoom_range=(0.5, 1.0), upsample_mode="bilinear"),
+        T.RandGaussianSmoothd(keys=[img], prob=0.2 * p, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
+        T.RandBiasFieldd(keys=[img], prob=0.2 * p, coeff_range=(0.0, 0.3)),
+        T.RandAdjustContrastd(keys=[img], prob=0.3 * p, gamma=(0.7, 1.5)),
+        T.RandScaleIntensityd(keys=[img], prob=0.5 * p, factors=0.15),
+        T.RandShiftIntensityd(keys=[img], prob=0.5 * p, offsets=0.1),
+        T.RandGaussianNoised(keys=[img], prob=0.3 * p, std=0.03),
+    ])
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Random 2.5D training slices, balanced over organs, with organ-free slices mixed in.
+
+    Item ``i`` is drawn from an RNG seeded by (seed, i), so a run is reproducible and
+    ``--resume`` continues the same stream.
+    """
+
+    def __init__(self, cases: list[PreparedCase], organs: Sequence[str], context: int, length: int,
+                 seed: int = 0, positive_fraction: float = 0.75, augment: bool = True,
+                 exclude_z: dict[str, tuple[float, float]] | None = None) -> None:
+        self.cases = cases
+        self.organs = list(organs)
+        self.context = context
+        self.length = length
+        self.seed = seed
+        self.positive_fraction = positive_fraction
+        self.transform = augmentation() if augment else None
+        self.stacks = [context_slices(c.image, context) for c in cases]
+        # Slices usable for training (outside any held-out slab, inside the body).
+        self.allowed: list[np.ndarray] = []
+        for c in cases:
+            ok = c.image.reshape(c.image.shape[0], -1).max(1) > 0.05
+            if exclude_z and c.name in exclude_z:
+                lo, hi = exclude_z[c.name]
+                ok &= ~((c.z_world >= lo) & (c.z_world <= hi))
+            self.allowed.append(np.nonzero(ok)[0])
+        self.pairs = [(ci, o) for ci, c in enumerate(cases) for o in self.organs
+                      if o in c.masks and c.masks[o][self.allowed[ci]].any()]
+        if not self.pairs:
+            raise InputError("No training slice holds any of the requested organs; check --organs and the label names in dataset.json.")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, i])
+        ci, organ = self.pairs[rng.integers(len(self.pairs))]
+        case = self.cases[ci]
+        allowed = self.allowed[ci]
+        mask3d = case.masks[organ]
+        if rng.random() < self.positive_fraction:
+            zs = allowed[mask3d[allowed].reshape(len(allowed), -1).any(1)]
+        else:
+            zs = allowed
+        z = int(zs[rng.integers(len(zs))])
+        item = {"image": self.stacks[ci][z].copy(), "label": mask3d[z][None].astype(np.float32)}
+        if self.transform is not None:
+            self.transform.set_random_state(seed=int(rng.integers(2**31)))
+            item = self.transform(item)
+        image = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32).clamp(0, 1)
+        label = (torch.as_tensor(np.asarray(item["label"]), dtype=torch.float32) > 0.5).float()
+        coord = float((case.z_world[z] - case.z_world[0]) / max(1e-6, case.z_world[-1] - case.z_world[0]))
+        return {"image": image, "label": label, "organ": self.organs.index(organ),
+                "phrase": int(rng.integers(1 << 30)), "coord": torch.tensor(coord, dtype=torch.float32)}

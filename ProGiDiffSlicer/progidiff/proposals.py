@@ -1,0 +1,71 @@
+"""Ranking, consensus, uncertainty and statistics of a set of mask proposals."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Mean pairwise Dice below which the proposals disagree enough to ask for careful review.
+REVIEW_AGREEMENT = 0.80
+
+
+def _bbox(union: np.ndarray) -> tuple[slice, ...]:
+    if not union.any():
+        return tuple(slice(0, 0) for _ in union.shape)
+    sl = []
+    for ax in range(union.ndim):
+        other = tuple(a for a in range(union.ndim) if a != ax)
+        nz = np.nonzero(union.any(axis=other))[0]
+        sl.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return tuple(sl)
+
+
+def pairwise_dice(masks: np.ndarray) -> np.ndarray:
+    """(N, N) Dice between binary proposals; two empty masks agree (1.0)."""
+    n = masks.shape[0]
+    box = _bbox(masks.any(0))
+    flat = masks[(slice(None),) + box].reshape(n, -1)
+    sizes = flat.sum(1).astype(np.float64)
+    out = np.ones((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            inter = float(np.count_nonzero(flat[i] & flat[j]))
+            denom = sizes[i] + sizes[j]
+            out[i, j] = out[j, i] = 1.0 if denom == 0 else 2 * inter / denom
+    return out
+
+
+@dataclass
+class ProposalSet:
+    order: list[int]          # indices of the proposals, best-ranked first
+    scores: list[float]       # per proposal (original index): mean Dice with the others
+    agreement: float          # mean pairwise Dice over all pairs
+    review: bool              # agreement below REVIEW_AGREEMENT
+
+
+def rank(masks: np.ndarray) -> ProposalSet:
+    """Rank by agreement with the others (mean pairwise Dice), ties by index."""
+    n = masks.shape[0]
+    d = pairwise_dice(masks)
+    if n == 1:
+        return ProposalSet([0], [1.0], 1.0, False)
+    scores = (d.sum(1) - 1) / (n - 1)
+    order = sorted(range(n), key=lambda i: (-scores[i], i))
+    agreement = float(d[np.triu_indices(n, 1)].mean())
+    return ProposalSet(order, [float(s) for s in scores], agreement, agreement < REVIEW_AGREEMENT)
+
+
+def consensus(masks: np.ndarray) -> np.ndarray:
+    """Voxel-wise majority vote (at least half of the proposals)."""
+    return masks.sum(0, dtype=np.int32) * 2 >= masks.shape[0]
+
+
+def uncertainty(masks: np.ndarray) -> np.ndarray:
+    """Voxel-wise disagreement 4 p (1 - p), p = fraction of proposals that include the voxel:
+    0 where all agree, 1 where they split evenly."""
+    p = masks.mean(0, dtype=np.float32)
+    return (4.0 * p * (1.0 - p)).astype(np.float32)
+
+
+def volumes_ml(masks: np.ndarray, voxel_ml: float) -> list[float]:
+    return [float(np.count_nonzero(m)) * voxel_ml for m in masks]

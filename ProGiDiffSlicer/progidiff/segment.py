@@ -1,0 +1,73 @@
+"""One case through the engine into the output contract (CLI ``progidiff segment``)."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .engine import Engine, SegmentOptions, SegmentResult
+from .outputs import proposal_name, staging, write_mask, write_report, write_seg_nrrd
+from .overview import render_overview
+from .volume import read_scan
+
+log = logging.getLogger(__name__)
+
+
+def build_report(result: SegmentResult, engine: Engine) -> dict:
+    vols = result.volumes_ml
+    return {
+        "prompt": result.prompt,
+        "organ": result.organ.name,
+        "organ_display": result.organ.display,
+        "similarity": round(result.similarity, 4),
+        "modality": result.modality,
+        "modality_source": result.modality_reason,
+        "adapter": None,
+        "model": engine.model_dir.name,
+        "model_path": str(engine.model_dir),
+        "device": result.device,
+        "seeds": result.seeds,
+        "steps": result.steps,
+        "scheduler": result.scheduler,
+        "seconds": round(result.seconds, 2),
+        "timings": {k: round(v, 2) for k, v in result.timings.items()},
+        "proposals": [{"file": proposal_name(i + 1), "rank": i + 1, "score": round(result.scores[i], 4),
+                       "seed": result.seeds[i], "volume_ml": round(result.volumes_ml[i], 2)}
+                      for i in range(len(result.seeds))],
+        "volume_ml": {"min": round(min(vols), 2), "median": round(float(np.median(vols)), 2), "max": round(max(vols), 2)},
+        "agreement": round(result.ranking.agreement, 4),
+        "review": bool(result.ranking.review),
+        "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
+        "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),
+                 "origin": list(result.image.GetOrigin()), "direction": list(result.image.GetDirection())},
+    }
+
+
+def write_result(result: SegmentResult, engine: Engine, outdir: Path, overwrite: bool = False) -> dict:
+    """Write every file of the output contract into ``outdir``, atomically."""
+    report = build_report(result, engine)
+    with staging(outdir, overwrite) as tmp:
+        like = result.image
+        for i, m in enumerate(result.masks):
+            write_mask(m, like, tmp / proposal_name(i + 1))
+        write_mask(result.consensus, like, tmp / "consensus.nii.gz")
+        write_mask(result.uncertainty, like, tmp / "uncertainty.nii.gz", dtype=sitk.sitkFloat32)
+        names = [f"{result.organ.display} - proposal {i + 1}" for i in range(len(result.masks))]
+        write_seg_nrrd(result.masks, like, tmp / "proposals.seg.nrrd", names, result.organ.color,
+                       result.organ.slicer_terminology())
+        title = (f"{result.organ.display}: {len(result.masks)} proposals · agreement {result.ranking.agreement:.2f}"
+                 f" · {report['volume_ml']['median']:.0f} mL (median)" + (" · REVIEW CAREFULLY" if result.ranking.review else ""))
+        render_overview(result.grid_image, result.grid_masks, result.grid.GetSpacing(), tmp / "overview.png", title)
+        write_report(report, tmp / "report.json")
+    return report
+
+
+def segment_file(engine: Engine, path: str | Path, prompt: str, outdir: Path, options: SegmentOptions,
+                 overwrite: bool = False, progress=None, cancel: threading.Event | None = None,
+                 series: str | None = None) -> dict:
+    scan = read_scan(path, series=series)
+    result = engine.segment(scan, prompt, options, progress=progress, cancel=cancel)
+    return write_result(result, engine, outdir, overwrite)

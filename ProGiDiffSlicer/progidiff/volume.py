@@ -1,0 +1,293 @@
+"""Reading scans, intensity preprocessing, and the model grid.
+
+Everything works in world (physical, LPS) coordinates through SimpleITK, so a scan
+stored RAS, LPS, LAS, permuted or oblique gives the same model input, and outputs are
+resampled back exactly onto the input's grid.
+
+The *model grid* is an axis-aligned (identity direction) stack of axial slices at the
+model's spacing, ``size_xy`` pixels wide, centred in-plane on the body's centre of mass
+and covering the scan's whole superior-inferior extent.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: CT soft-tissue window (level 50, width 500 HU), mapped to [0, 1].
+CT_WINDOW = (-200.0, 300.0)
+#: MR robust scaling: these percentiles of the body's voxels map to 0 and 1.
+MR_PERCENTILES = (0.5, 99.5)
+#: Largest number of voxels a scan may have (about 2.1 GB as float32); larger is refused.
+MAX_VOXELS = 1024 * 1024 * 512
+
+
+@dataclass
+class Scan:
+    """A 3D scalar image with its source and modality information."""
+
+    image: sitk.Image
+    path: str
+    dicom_modality: str | None = None  # the DICOM Modality tag, when read from DICOM
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.image.GetSpacing())) / 1000.0
+
+
+def is_image_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and any(name.endswith(s) for s in IMAGE_SUFFIXES)
+
+
+def dicom_series(folder: str | os.PathLike) -> list[str]:
+    reader = sitk.ImageSeriesReader()
+    return list(reader.GetGDCMSeriesIDs(str(folder)) or [])
+
+
+def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
+    """Read a NIfTI/NRRD/MHA file or a DICOM folder; refuse what the model cannot use."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder. Check the path.")
+    modality = None
+    if p.is_dir():
+        ids = dicom_series(p)
+        if not ids:
+            raise InputError(f"{p}: this folder holds no DICOM series. Give a DICOM folder or a NIfTI/NRRD/MHA file.")
+        if series is None and len(ids) > 1:
+            raise InputError(f"{p}: this folder holds {len(ids)} DICOM series ({', '.join(ids)}); pick one with --series UID.")
+        uid = series or ids[0]
+        if uid not in ids:
+            raise InputError(f"{p}: no DICOM series {uid} here; the series are {', '.join(ids)}.")
+        reader = sitk.ImageSeriesReader()
+        files = reader.GetGDCMSeriesFileNames(str(p), uid)
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"{p}: the DICOM series cannot be read ({_first_line(exc)}). Is a file truncated?") from exc
+        try:
+            modality = reader.GetMetaData(0, "0008|0060").strip().upper() or None
+        except RuntimeError:
+            modality = None
+    else:
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            raise InputError(f"{p}: cannot be read as an image ({_first_line(exc)}). Is the file complete and a NIfTI/NRRD/MHA?") from exc
+        if image.HasMetaDataKey("0008|0060"):
+            modality = image.GetMetaData("0008|0060").strip().upper() or None
+    return Scan(validate_image(image, str(p)), str(p), modality)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages start with the source location; the last line says what went wrong.
+    return lines[-1][:160] if lines else type(exc).__name__
+
+
+def validate_image(image: sitk.Image, name: str) -> sitk.Image:
+    """Check a scan is a usable 3D scalar volume; return it as float32."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector image); give a grey-scale CT or MR.")
+    dim = image.GetDimension()
+    if dim == 4:
+        if image.GetSize()[3] == 1:
+            image = image[:, :, :, 0]
+        else:
+            raise InputError(f"{name}: is a 4D series ({image.GetSize()[3]} volumes); extract one 3D volume first.")
+    elif dim != 3:
+        raise InputError(f"{name}: is a {dim}D image; ProGiDiff needs a 3D volume.")
+    size = image.GetSize()
+    if min(size) < 2 or sorted(size)[1] < 16:
+        raise InputError(f"{name}: is too small to segment ({'x'.join(map(str, size))} voxels); a 3D scan is needed, not a single slice or scout.")
+    if int(np.prod(size, dtype=np.int64)) > MAX_VOXELS:
+        raise InputError(f"{name}: has {np.prod(size, dtype=np.int64):,} voxels, more than the {MAX_VOXELS:,} ProGiDiff takes; crop or downsample it first.")
+    spacing = image.GetSpacing()
+    if any((not math.isfinite(s)) or s <= 1e-3 or s > 20.0 for s in spacing):
+        raise InputError(f"{name}: voxel spacing {tuple(round(s, 4) for s in spacing)} mm is outside 0.001–20 mm; the header's geometry is wrong.")
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise InputError(f"{name}: its direction matrix is not orthonormal (sheared); resample it to an orthogonal grid first.")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    arr = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        if not finite.any():
+            raise InputError(f"{name}: holds no finite voxel values.")
+        log.warning("%s: %d NaN/inf voxels set to the minimum value", name, int((~finite).sum()))
+        fixed = np.where(finite, arr, float(np.nanmin(np.where(finite, arr, np.nan))))
+        out = sitk.GetImageFromArray(fixed.astype(np.float32))
+        out.CopyInformation(image)
+        image = out
+        arr = sitk.GetArrayViewFromImage(image)
+    if float(arr.max()) - float(arr.min()) < 1e-6:
+        raise InputError(f"{name}: every voxel has the same value ({float(arr.min()):g}); the image is blank.")
+    return image
+
+
+def guess_modality(scan: Scan) -> tuple[str, str]:
+    """(modality, reason). DICOM tag first; else CT if it looks like Hounsfield units.
+
+    Heuristic for files without the tag: a CT holds air near -1000 HU, so its 1st
+    percentile is below -500 and at least 2 % of voxels are below -500. MR intensities
+    are non-negative or only slightly negative.
+    """
+    if scan.dicom_modality in ("CT", "MR"):
+        return scan.dicom_modality, "DICOM Modality tag"
+    arr = sitk.GetArrayViewFromImage(scan.image)
+    sample = arr.reshape(-1)[:: max(1, arr.size // 200_000)]
+    low = float(np.percentile(sample, 1))
+    frac_air = float((sample < -500).mean())
+    if low < -500 and frac_air > 0.02:
+        return "CT", f"intensity heuristic (1st percentile {low:.0f}, {frac_air:.0%} below -500: Hounsfield units)"
+    return "MR", f"intensity heuristic (1st percentile {low:.0f}: not Hounsfield units)"
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Geometry of the model's input: axial slices, ``size`` pixels at ``spacing`` mm."""
+
+    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    size: tuple[int, int] = (96, 96)
+
+
+def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """World-axis min/max of the voxel centres (works for any direction matrix)."""
+    size = image.GetSize()
+    corners = [(i, j, k) for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]
+    pts = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(float(c) for c in ijk)) for ijk in corners])
+    return pts.min(0), pts.max(0)
+
+
+def _axis_aligned(lo: np.ndarray, spacing: Sequence[float], size: Sequence[int]) -> sitk.Image:
+    ref = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    ref.SetSpacing([float(s) for s in spacing])
+    ref.SetOrigin([float(v) for v in lo])
+    ref.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return ref
+
+
+def body_threshold(image: sitk.Image, modality: str) -> float:
+    if modality == "CT":
+        return -400.0
+    arr = sitk.GetArrayViewFromImage(image)
+    sample = arr.reshape(-1)[:: max(1, arr.size // 200_000)]
+    lo, hi = np.percentile(sample, [1, 99])
+    return float(lo + 0.1 * (hi - lo))
+
+
+def body_centre(image: sitk.Image, modality: str) -> np.ndarray:
+    """World x, y of the body's centre of mass, from a coarse 8 mm resampling."""
+    lo, hi = physical_bounds(image)
+    step = 8.0
+    size = np.maximum(1, np.ceil((hi - lo) / step).astype(int) + 1)
+    ref = _axis_aligned(lo, (step, step, step), size)
+    fill = float(sitk.GetArrayViewFromImage(image).min())
+    coarse = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32))
+    body = coarse > body_threshold(image, modality)
+    if body.sum() < 10:
+        return (lo + hi) / 2
+    zz, yy, xx = np.nonzero(body)
+    return np.array([lo[0] + xx.mean() * step, lo[1] + yy.mean() * step, (lo[2] + hi[2]) / 2])
+
+
+def model_grid(image: sitk.Image, grid: GridSpec, modality: str, z_range: tuple[float, float] | None = None) -> sitk.Image:
+    """Reference image of the model grid for this scan (identity direction)."""
+    lo, hi = physical_bounds(image)
+    centre = body_centre(image, modality)
+    sx, sy, sz = grid.spacing
+    w, h = grid.size
+    z0, z1 = (lo[2], hi[2]) if z_range is None else z_range
+    nz = max(1, int(math.floor((z1 - z0) / sz + 1e-6)) + 1)
+    z0 = (z0 + z1) / 2 - (nz - 1) * sz / 2  # centre the slices in the extent
+    origin = np.array([centre[0] - (w - 1) * sx / 2, centre[1] - (h - 1) * sy / 2, z0])
+    return _axis_aligned(origin, grid.spacing, (w, h, nz))
+
+
+def normalise(arr: np.ndarray, modality: str, body_mask: np.ndarray | None = None) -> np.ndarray:
+    """Map intensities to [0, 1]: CT window, or MR robust percentiles of the body's voxels."""
+    if modality == "CT":
+        lo, hi = CT_WINDOW
+    else:
+        vals = arr[body_mask] if body_mask is not None and body_mask.sum() > 100 else arr.reshape(-1)
+        lo, hi = (float(v) for v in np.percentile(vals, MR_PERCENTILES))
+        if hi - lo < 1e-6:
+            hi = lo + 1.0
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def to_model_grid(image: sitk.Image, ref: sitk.Image, modality: str) -> np.ndarray:
+    """The scan resampled onto the model grid and normalised: float32 (Z, H, W) in [0, 1]."""
+    fill = -1024.0 if modality == "CT" else float(sitk.GetArrayViewFromImage(image).min())
+    res = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32))
+    body = res > body_threshold(image, modality)
+    return normalise(res, modality, body)
+
+
+def label_to_model_grid(mask: sitk.Image, ref: sitk.Image) -> np.ndarray:
+    """A binary mask on the model grid (linear interpolation of the 0/1 mask, then > 0.5)."""
+    m = sitk.Cast(mask, sitk.sitkFloat32)
+    res = sitk.Resample(m, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(res) > 0.5
+
+
+def from_model_grid(prob: np.ndarray, ref: sitk.Image, target: sitk.Image) -> np.ndarray:
+    """A probability (Z, H, W) on the model grid → binary mask on the target's grid (its array order)."""
+    src = sitk.GetImageFromArray(prob.astype(np.float32))
+    src.CopyInformation(ref)
+    res = sitk.Resample(src, target, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayViewFromImage(res) > 0.5
+
+
+def context_slices(volume: np.ndarray, context: int) -> np.ndarray:
+    """(Z, 2*context+1, H, W): each slice with its neighbours as channels (edges repeated)."""
+    z = volume.shape[0]
+    idx = np.clip(np.arange(z)[:, None] + np.arange(-context, context + 1)[None, :], 0, z - 1)
+    return volume[idx]
+
+
+def array_to_image(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(like)
+    return img
+
+
+def find_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand inputs: files, DICOM folders, and folders of files/DICOM folders."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(f"{p}: no such file or folder. Check the path.")
+        if p.is_file():
+            out.append(p)
+        elif dicom_series(p):
+            out.append(p)
+        else:
+            kids = sorted(k for k in p.iterdir() if is_image_file(k) or (k.is_dir() and dicom_series(k)))
+            if not kids:
+                raise InputError(f"{p}: holds no NIfTI/NRRD/MHA file and no DICOM series.")
+            out.extend(kids)
+    return out
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for s in IMAGE_SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
