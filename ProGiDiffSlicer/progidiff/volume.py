@@ -84,6 +84,7 @@ def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
         except RuntimeError:
             modality = None
     else:
+        _check_complete(p)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
@@ -91,6 +92,38 @@ def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
         if image.HasMetaDataKey("0008|0060"):
             modality = image.GetMetaData("0008|0060").strip().upper() or None
     return Scan(validate_image(image, str(p)), str(p), modality)
+
+
+def _check_complete(p: Path) -> None:
+    """Refuse truncated files, which ITK's NIfTI reader would silently pad with zeros.
+
+    A .gz is decompressed as a stream (a truncated one ends early); a NIfTI must hold at
+    least the bytes its header promises."""
+    import gzip
+    import zlib
+
+    name = p.name.lower()
+    total = 0
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    total += len(chunk)
+        else:
+            total = p.stat().st_size
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"{p}: the file is truncated or corrupt ({exc}); download or copy it again.") from exc
+    if name.endswith((".nii", ".nii.gz")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"{p}: cannot be read as an image ({_first_line(exc)}).") from exc
+        bytes_per = sitk.GetArrayViewFromImage(sitk.Image([1] * 2, reader.GetPixelID(), reader.GetNumberOfComponents())).itemsize
+        need = int(np.prod(reader.GetSize(), dtype=np.int64)) * bytes_per * reader.GetNumberOfComponents() + 348
+        if total < need:
+            raise InputError(f"{p}: the file is truncated ({total:,} of at least {need:,} bytes); download or copy it again.")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,91 @@
+"""Shared fixtures: real data from ../shared/data and Resources/, small crops of it,
+and a tiny model trained on a real crop (so no test runs on random weights)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE_CT = REPO / "Resources" / "SampleData" / "sample-ct-abdomen.nii.gz"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared(*parts: str) -> Path:
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.fail(f"{p} is missing: the tests need ../shared/data beside the checkout (see README)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def ct_path() -> Path:
+    return shared("ct-abdomen", "imagesTr", "tsct_001_0000.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def ct_label_path() -> Path:
+    return shared("ct-abdomen", "labelsTr", "tsct_001.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def mr_path() -> Path:
+    return shared("mr-abdomen", "imagesTr", "tsmr_001_0000.nii.gz")
+
+
+def upper_abdomen(image: sitk.Image) -> sitk.Image:
+    """The liver/kidney part of the sample CT (slices 62..111 of 112), a quick real test volume."""
+    return image[:, :, 62:112]
+
+
+@pytest.fixture(scope="session")
+def ct_crop(tmp_path_factory, ct_path) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ct_crop.nii.gz"
+    sitk.WriteImage(upper_abdomen(sitk.ReadImage(str(ct_path))), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, ct_path, ct_label_path) -> Path:
+    """An nnU-Net-style dataset of one real, cropped CT with its labels."""
+    import json
+
+    root = tmp_path_factory.mktemp("tiny_ds")
+    (root / "imagesTr").mkdir()
+    (root / "labelsTr").mkdir()
+    sitk.WriteImage(upper_abdomen(sitk.ReadImage(str(ct_path))), str(root / "imagesTr" / "case_001_0000.nii.gz"))
+    sitk.WriteImage(upper_abdomen(sitk.ReadImage(str(ct_label_path))), str(root / "labelsTr" / "case_001.nii.gz"))
+    meta = json.loads(shared("ct-abdomen", "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({"labels": meta["labels"], "channel_names": {"0": "CT"}}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_dataset) -> Path:
+    """A tiny model trained for a few steps on the real crop (CPU, ~20 s)."""
+    from progidiff.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    cfg = TrainConfig(dataset=str(tiny_dataset), output=str(out), organs=("liver", "kidney_left"),
+                      stage1_steps=4, stage2_steps=6, batch_size=4, grid_size=32, grid_spacing=(12.0, 12.0, 10.0),
+                      channels=(8, 16, 16, 16), encoder_channels=(8, 8, 8), workers=0, checkpoint_every=3)
+    train(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model):
+    from progidiff.engine import Engine
+
+    return Engine(tiny_model, device="cpu")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else 2.0 * float((a & b).sum()) / float(s)

@@ -1,0 +1,118 @@
+"""ProGiDiffModel persistence, refusals, and the Stable Diffusion folder path."""
+import json
+import string
+
+import numpy as np
+import pytest
+import torch
+
+from progidiff.errors import ModelError
+from progidiff.model import CARD_NAME, WEIGHTS_NAME, ImageEncoder, ProGiDiffModel, small_unet_config
+from progidiff.sampling import sample_proposals
+
+
+def tiny_model() -> ProGiDiffModel:
+    cfg = small_unet_config(sample_size=32, cross_attention_dim=384, channels=(8, 16))
+    return ProGiDiffModel(unet_config=cfg, encoder_channels=(8, 8), grid_size=(32, 32))
+
+
+def test_image_encoder_is_zero_initialised_and_keeps_resolution():
+    enc = ImageEncoder(3, 16, (8, 16), downsample=1)
+    out = enc(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 16, 32, 32) and torch.count_nonzero(out) == 0
+    assert ImageEncoder(3, 16, (8, 16, 16), downsample=8)(torch.rand(1, 3, 64, 64)).shape == (1, 16, 8, 8)
+
+
+def test_branch_is_a_controlnet_with_the_custom_encoder():
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    m = tiny_model()
+    assert isinstance(m.unet, UNet2DConditionModel) and isinstance(m.controlnet, ControlNetModel)
+    assert isinstance(m.controlnet.controlnet_cond_embedding, ImageEncoder)
+    # at initialisation the branch adds nothing (zero convolutions): the base alone decides
+    x, t, s, img = torch.randn(2, 1, 32, 32), torch.tensor([10, 500]), torch.randn(2, 8, 384), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t, s, img), m(x, t, s, None))
+
+
+def test_save_load_round_trip(tmp_path):
+    m = tiny_model().eval()
+    m.save_pretrained(tmp_path / "m", card={"organs": ["liver"]}, dtype=torch.float32)
+    card = json.loads((tmp_path / "m" / CARD_NAME).read_text())
+    assert card["sha256"][WEIGHTS_NAME] and card["parameters"] == m.num_parameters()
+    r = ProGiDiffModel.from_pretrained(tmp_path / "m")
+    x, t, s, img = torch.randn(2, 1, 32, 32), torch.tensor([10, 500]), torch.randn(2, 8, 384), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t, s, img), r(x, t, s, img))
+
+
+def test_refuses_corrupt_incomplete_or_incompatible_models(tmp_path):
+    m = tiny_model()
+    d = tmp_path / "m"
+    m.save_pretrained(d)
+    w = d / WEIGHTS_NAME
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256"):
+        ProGiDiffModel.from_pretrained(d)
+    w.unlink()
+    with pytest.raises(ModelError, match="lacks"):
+        ProGiDiffModel.from_pretrained(d)
+    m.save_pretrained(d)
+    card = json.loads((d / CARD_NAME).read_text())
+    card["format"] = 99
+    (d / CARD_NAME).write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="format"):
+        ProGiDiffModel.from_pretrained(d)
+    with pytest.raises(ModelError, match="no such model folder"):
+        ProGiDiffModel.from_pretrained(tmp_path / "missing")
+
+
+def build_tiny_sd(root):
+    """A Stable Diffusion folder in diffusers layout, tiny enough for a CPU test."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=4, norm_num_groups=8).save_pretrained(root / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=8, sample_size=32).save_pretrained(root / "vae")
+    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (root / "tok").mkdir(parents=True)
+    (root / "tok" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "tok" / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt")).save_pretrained(root / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                                 eos_token_id=vocab["<|endoftext|>"])).save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_from_stable_diffusion_builds_on_the_local_folder(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from progidiff.engine import load_text_encoder
+
+    sd = build_tiny_sd(tmp_path / "sd")
+    m = ProGiDiffModel.from_stable_diffusion(sd, grid_size=(32, 32), encoder_channels=(8, 16))
+    base = UNet2DConditionModel.from_pretrained(sd / "unet")
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(m.unet.state_dict()[k], v)
+    # the branch starts as a copy of the pre-trained base's encoder
+    torch.testing.assert_close(m.controlnet.conv_in.weight, base.conv_in.weight)
+    assert m.vae is not None and m.latent_size() == (16, 16)
+    m.save_pretrained(tmp_path / "progidiff-sd", card={"organs": ["liver"]})
+    r = ProGiDiffModel.from_pretrained(tmp_path / "progidiff-sd")
+    enc = load_text_encoder(r, tmp_path / "progidiff-sd")
+    states = enc.token_states(["liver"])
+    assert states.shape[-1] == 32
+    probs = sample_proposals(r, np.random.rand(3, 3, 32, 32).astype(np.float32), states, seeds=[0, 1], steps=2)
+    assert probs.shape == (2, 3, 32, 32) and 0 <= probs.min() and probs.max() <= 1

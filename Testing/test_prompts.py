@@ -1,0 +1,57 @@
+import pytest
+
+from progidiff.errors import PromptError
+from progidiff.prompts import PromptResolver, TextEncoder, Vocabulary
+
+
+@pytest.fixture(scope="module")
+def resolver():
+    return PromptResolver(Vocabulary.load(), TextEncoder())
+
+
+@pytest.mark.parametrize("prompt,organ", [
+    ("liver", "liver"), ("Liver", "liver"), ("hepatic", "liver"), ("the liver", "liver"),
+    ("kidney left", "kidney_left"), ("Left kidney", "kidney_left"), ("right kidney", "kidney_right"),
+    ("IVC", "inferior_vena_cava"), ("pancreatic tail", "pancreas"), ("spleeen", "spleen"),
+    ("gallblader", "gallbladder"), ("  PANCREAS ", "pancreas"),
+])
+def test_synonyms_resolve(resolver, prompt, organ):
+    assert resolver.resolve(prompt).organ.name == organ
+
+
+@pytest.mark.parametrize("prompt", ["brain", "tumor", "liver tumour", "heart", "lung"])
+def test_unknown_organs_are_refused_with_suggestions(resolver, prompt):
+    with pytest.raises(PromptError) as e:
+        resolver.resolve(prompt)
+    msg = str(e.value)
+    assert "closest" in msg and "\n" not in msg
+    # the message names real organs of the vocabulary
+    assert any(o.display in msg for o in resolver.vocabulary.organs)
+
+
+def test_ambiguous_kidney_asks_for_a_side(resolver):
+    with pytest.raises(PromptError, match="ambiguous"):
+        resolver.resolve("kidney")
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "x" * 500])
+def test_empty_or_long_prompts(resolver, prompt):
+    with pytest.raises(PromptError):
+        resolver.resolve(prompt)
+
+
+def test_non_ascii_prompt_is_refused_not_crashed(resolver):
+    with pytest.raises(PromptError):
+        resolver.resolve("肝臓の腫瘍")
+
+
+def test_token_states_shape_and_terminology():
+    enc = TextEncoder(max_length=8)
+    states = enc.token_states(["Liver", "Left kidney"])
+    assert states.shape == (2, 8, enc.hidden_size)
+    v = Vocabulary.load()
+    term = v["pancreas"].slicer_terminology()
+    assert "SCT^15776009^Pancreas" in term
+    assert "SCT^7771000^Left" in v["kidney_left"].slicer_terminology()
+    assert v.organ_for_label_name("kidney_left").name == "kidney_left"
+    assert v.organ_for_label_name("brain") is None

@@ -1,0 +1,41 @@
+import numpy as np
+
+from progidiff.proposals import REVIEW_AGREEMENT, consensus, pairwise_dice, rank, uncertainty, volumes_ml
+
+
+def _masks():
+    base = np.zeros((4, 10, 10, 10), bool)
+    base[:, 2:8, 2:8, 2:8] = True
+    base[3] = False
+    base[3, 0:3, 0:3, 0:3] = True  # the outlier
+    return base
+
+
+def test_rank_puts_the_outlier_last_and_flags_review():
+    m = _masks()
+    r = rank(m)
+    assert r.order[-1] == 3 and r.order[:3] == [0, 1, 2]
+    assert r.scores[0] > r.scores[3]
+    assert r.agreement < REVIEW_AGREEMENT and r.review
+
+
+def test_identical_proposals_agree():
+    m = np.repeat(_masks()[:1], 3, 0)
+    r = rank(m)
+    assert r.agreement == 1.0 and not r.review
+    assert np.allclose(pairwise_dice(m), 1.0)
+
+
+def test_consensus_and_uncertainty():
+    m = _masks()
+    c = consensus(m)
+    assert c[5, 5, 5] and not c[0, 0, 0]
+    u = uncertainty(m)
+    assert u[5, 5, 5] == np.float32(4 * 0.75 * 0.25) and u[9, 9, 9] == 0 and u.dtype == np.float32
+    even = np.array([[True], [False]])
+    assert uncertainty(even)[0] == 1.0
+
+
+def test_volumes():
+    m = _masks()
+    assert volumes_ml(m, 0.5) == [108.0, 108.0, 108.0, 13.5]
