@@ -89,3 +89,43 @@ def tiny_engine(tiny_model):
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     s = a.sum() + b.sum()
     return 1.0 if s == 0 else 2.0 * float((a & b).sum()) / float(s)
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT") -> Path:
+    """Write a 3D image as a DICOM series (int16 slices with position/orientation tags)."""
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.Cast(image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = img.GetDirection()
+    uid = "1.2.826.0.1.3680043.2.1125." + str(int(time.time() * 1000))
+    tags = [("0008|0060", modality), ("0020|000e", uid + ".1"), ("0020|000d", uid), ("0008|0008", "ORIGINAL\\PRIMARY\\AXIAL"),
+            ("0020|0037", "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
+            ("0008|103e", "test series"), ("0010|0010", "Test^Patient")]
+    for i in range(img.GetDepth()):
+        sl = img[:, :, i]
+        for k, v in tags:
+            sl.SetMetaData(k, v)
+        pos = img.TransformIndexToPhysicalPoint((0, 0, i))
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in pos))
+        sl.SetMetaData("0020|0013", str(i + 1))
+        sl.SetMetaData("0018|0050", f"{img.GetSpacing()[2]:.6f}")
+        writer.SetFileName(str(folder / f"slice_{i:04d}.dcm"))
+        writer.Execute(sl)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    from progidiff.engine import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def engine(shipped_model):
+    from progidiff.engine import Engine
+
+    return Engine(shipped_model, device="cpu")

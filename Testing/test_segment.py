@@ -1,0 +1,152 @@
+"""`progidiff segment` end to end with the shipped model on real CT."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import dice, write_dicom_series
+from progidiff.cli import main
+from progidiff.engine import SegmentOptions
+from progidiff.outputs import REPORT_KEYS
+from progidiff.volume import read_scan
+
+FAST = ["--proposals", "3", "--steps", "3"]
+
+
+def test_output_contract(ct_crop, tmp_path, shipped_model):
+    out = tmp_path / "out"
+    assert main(["segment", str(ct_crop), "--prompt", "hepatic", *FAST, "--model", str(shipped_model), "-o", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["consensus.nii.gz", "overview.png", "proposal_01.nii.gz", "proposal_02.nii.gz",
+                            "proposal_03.nii.gz", "proposals.seg.nrrd", "report.json", "uncertainty.nii.gz"])
+    ref = sitk.ReadImage(str(ct_crop))
+    for name in names:
+        if name.endswith(".nii.gz"):
+            img = sitk.ReadImage(str(out / name))
+            assert img.GetSize() == ref.GetSize()
+            assert np.allclose(img.GetOrigin(), ref.GetOrigin()) and np.allclose(img.GetDirection(), ref.GetDirection())
+            assert np.allclose(img.GetSpacing(), ref.GetSpacing())
+    p1 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "proposal_01.nii.gz")))
+    assert p1.dtype == np.uint8 and set(np.unique(p1)) <= {0, 1}
+    unc = sitk.ReadImage(str(out / "uncertainty.nii.gz"))
+    assert unc.GetPixelID() == sitk.sitkFloat32
+    report = json.loads((out / "report.json").read_text())
+    assert set(REPORT_KEYS) <= set(report)
+    assert report["organ"] == "liver" and report["modality"] == "CT"
+    assert [p["rank"] for p in report["proposals"]] == [1, 2, 3]
+    scores = [p["score"] for p in report["proposals"]]
+    assert scores == sorted(scores, reverse=True)
+    # a real liver: tens of mL at least in this upper-abdomen crop
+    assert report["proposals"][0]["volume_ml"] > 100
+    data, header = nrrd.read(str(out / "proposals.seg.nrrd"))
+    assert data.shape == (3,) + ref.GetSize()
+    assert header["Segment0_Name"].startswith("Liver") and "10200004" in header["Segment0_Tags"]
+    np.testing.assert_array_equal(data[0].transpose(2, 1, 0), p1)
+
+
+def _on(reference: sitk.Image, mask_path: Path) -> np.ndarray:
+    m = sitk.ReadImage(str(mask_path))
+    return sitk.GetArrayFromImage(sitk.Resample(m, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+
+
+def test_same_masks_from_dicom_and_reoriented_nifti(ct_crop, tmp_path, engine):
+    """DICOM folder and NIfTI copies stored RAS, LPS, permuted and flipped give the same masks in world space."""
+    from progidiff.segment import write_result
+
+    original = sitk.ReadImage(str(ct_crop))
+    inputs = {"dicom": write_dicom_series(original, tmp_path / "dicom")}
+    for order in ("LPS", "RAS", "SAR", "PIL"):
+        p = tmp_path / f"{order}.nii.gz"
+        sitk.WriteImage(sitk.DICOMOrient(original, order), str(p))
+        inputs[order] = p
+    ref = sitk.ReadImage(str(inputs["LPS"]))
+    masks = {}
+    opts = SegmentOptions(proposals=2, steps=3, seed=5)
+    for name, path in inputs.items():
+        result = engine.segment(read_scan(path), "liver", opts)
+        write_result(result, engine, tmp_path / f"out_{name}")
+        masks[name] = _on(ref, tmp_path / f"out_{name}" / "proposal_01.nii.gz")
+    assert masks["LPS"].sum() > 1000
+    for name, m in masks.items():
+        assert dice(m, masks["LPS"]) >= 0.99, name
+
+
+def test_existing_results_are_refused_unless_overwrite(ct_crop, tmp_path, shipped_model, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    rc = main(["segment", str(ct_crop), "--prompt", "liver", "--proposals", "1", "--steps", "1",
+               "--model", str(shipped_model), "-o", str(out)])
+    assert rc == 5 and "--overwrite" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == "{}"
+    rc = main(["segment", str(ct_crop), "--prompt", "liver", "--proposals", "1", "--steps", "1",
+               "--model", str(shipped_model), "-o", str(out), "--overwrite"])
+    assert rc == 0 and json.loads((out / "report.json").read_text())["organ"] == "liver"
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shipped_model):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    img = sitk.ReadImage(str(ct_crop))
+    sitk.WriteImage(img, str(cases / "a.nii.gz"))
+    sitk.WriteImage(sitk.DICOMOrient(img, "RAS"), str(cases / "b.nrrd"))
+    out = tmp_path / "out"
+    assert main(["segment", str(cases), "--prompt", "liver", "--proposals", "1", "--steps", "2",
+                 "--model", str(shipped_model), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    assert (out / "b" / "proposals.seg.nrrd").is_file()
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "progidiff.cli", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["segment", "missing.nii.gz", "--prompt", "liver", "-o", "x"], 2, "no such file"),
+    (["segment", "{ct}", "--prompt", "brain", "-o", "x"], 3, "closest"),
+    (["segment", "{ct}", "--prompt", "liver", "--proposals", "0", "-o", "x"], 2, "proposals"),
+    (["segment", "{ct}", "--prompt", "liver", "--steps", "-3", "-o", "x"], 2, "steps"),
+    (["segment", "{ct}", "--prompt", "liver", "--model", "nowhere", "-o", "x"], 4, "model"),
+])
+def test_cli_errors_are_one_line(args, code, needle, ct_crop, tmp_path):
+    args = [a.replace("{ct}", str(ct_crop)) for a in args]
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == code, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1 and "Traceback" not in r.stderr and needle in lines[0].lower(), r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_model, sig):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("untouched")
+    before = sorted(os.listdir(out))
+    proc = subprocess.Popen([sys.executable, "-m", "progidiff.cli", "segment", str(ct_path), "--prompt", "liver",
+                             "--proposals", "16", "--steps", "50", "--model", str(shipped_model), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ch = proc.stderr.read(1)
+        seen += ch
+        if re.search(r"\b[1-9]\d*/\d+ \[", seen):  # the bar has counted model evaluations: mid-sampling
+            break
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    assert rc == 130, seen[-500:]
+    assert sorted(os.listdir(out)) == before
+    assert (out / "keep.txt").read_text() == "untouched"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
