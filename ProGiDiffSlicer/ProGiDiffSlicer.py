@@ -176,16 +176,16 @@ class ProGiDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.prompt = text
 
     # ---- state → UI -----------------------------------------------------------------------
-    def apply(self, ui) -> None:
-        self.ui.segmentButton.enabled = ui.segment_enabled
-        self.ui.cancelButton.enabled = ui.cancel_enabled
-        self.ui.inputsCollapsibleButton.enabled = ui.inputs_enabled
-        self.ui.samplingCollapsibleButton.enabled = ui.inputs_enabled
-        self.ui.progressBar.visible = ui.progress_visible
+    def apply(self, view) -> None:
+        self.ui.segmentButton.enabled = view.segment_enabled
+        self.ui.cancelButton.enabled = view.cancel_enabled
+        self.ui.inputsCollapsibleButton.enabled = view.inputs_enabled
+        self.ui.samplingCollapsibleButton.enabled = view.inputs_enabled
+        self.ui.progressBar.visible = view.progress_visible
         for name in ("previousButton", "nextButton", "acceptButton", "discardButton", "opacitySlider",
                      "show3DCheckBox", "uncertaintyCheckBox", "acceptWhichComboBox"):
-            getattr(self.ui, name).enabled = ui.proposals_enabled and self.session is not None
-        self.ui.statusLabel.text = ui.status
+            getattr(self.ui, name).enabled = view.proposals_enabled and self.session is not None
+        self.ui.statusLabel.text = view.status
 
     # ---- run --------------------------------------------------------------------------------
     def onSegment(self) -> None:

@@ -129,3 +129,9 @@ def engine(shipped_model):
     from progidiff.engine import Engine
 
     return Engine(shipped_model, device="cpu")
+
+
+# The Slicer module's helper package (ProGiDiffSlicerLib) sits beside the engine.
+import sys as _sys  # noqa: E402
+
+_sys.path.insert(0, str(REPO / "ProGiDiffSlicer"))

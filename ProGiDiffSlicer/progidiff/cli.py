@@ -87,6 +87,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=_positive_int, help="slices per model call (default: from the device)")
     p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
+    p.add_argument("--no-prepass", action="store_true",
+                   help="sample every body slice instead of locating the organ's slab first")
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (one subfolder per case for several inputs)")
 
@@ -101,7 +103,7 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .volume import case_name, find_inputs
 
     opts = SegmentOptions(proposals=a.proposals, steps=a.steps, scheduler=a.scheduler, seed=a.seed,
-                          modality=a.modality, batch_size=a.batch_size)
+                          modality=a.modality, batch_size=a.batch_size, prepass=not a.no_prepass)
     opts.validate()
     inputs = find_inputs(a.inputs)
     out = Path(a.output)
@@ -124,7 +126,8 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     for path, o in jobs:
         bar = tqdm(total=1, desc=f"{case_name(path)}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
 
-        def progress(stage: str, done: int, total: int) -> None:
+        def progress(stage: str, done: int, total: int, _case=case_name(path)) -> None:
+            bar.set_description(f"{_case}: {stage}", refresh=False)
             bar.total = total
             bar.n = done
             bar.refresh()

@@ -80,6 +80,10 @@ class SegmentOptions:
     modality: str = "auto"
     batch_size: int | None = None
     keep_largest: bool = True
+    #: Find the organ's slab first (1 proposal, 2 steps, every other slice) and sample the N
+    #: proposals only there, with a margin. Falls back to every body slice if it finds nothing.
+    prepass: bool = True
+    prepass_margin_mm: float = 20.0
 
     def validate(self) -> None:
         if not 1 <= self.proposals <= MAX_PROPOSALS:
@@ -152,6 +156,22 @@ class Engine:
                               f"{', '.join(self.vocabulary[o].display for o in self.card['organs'])}.")
         return res
 
+    def _organ_slab(self, stack: np.ndarray, idx: np.ndarray, states: torch.Tensor, opts: SegmentOptions,
+                    progress: ProgressFn | None, cancel: threading.Event | None) -> np.ndarray:
+        """Body slices within the organ's slab found by a cheap pass (about 1.5 % of the
+        cost of 8 proposals x 8 steps), widened by the margin on each side."""
+        coarse = idx[::2]
+        p = sample_proposals(self.model, stack[coarse], states, [opts.seed + 10_000], steps=2,
+                             scheduler="dpm++", device=self.device, batch_size=opts.batch_size,
+                             progress=(lambda d, t: progress("locating", d, t)) if progress else None, cancel=cancel)
+        hit = coarse[(p[0] > 0.5).reshape(len(coarse), -1).sum(1) >= 4]
+        if len(hit) == 0:
+            log.info("pre-pass found no %s; sampling every body slice", "organ")
+            return idx
+        margin = int(np.ceil(opts.prepass_margin_mm / self.model.config.grid_spacing[2]))
+        lo, hi = hit.min() - margin, hit.max() + margin
+        return idx[(idx >= lo) & (idx <= hi)]
+
     def segment(self, scan: Scan, prompt: str, options: SegmentOptions | None = None,
                 progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> SegmentResult:
         opts = options or SegmentOptions()
@@ -176,12 +196,18 @@ class Engine:
                 raise InputError(f"{scan.path}: no body found in the scan (all voxels look like air/background).")
             timings["preprocess"] = time.time() - t0
             seeds = [opts.seed + k for k in range(opts.proposals)]
+            states = self.text_states(res.organ)
+            t1 = time.time()
+            if opts.prepass and len(idx) > 8:
+                idx = self._organ_slab(stack, idx, states, opts, progress, cancel)
+            timings["prepass"] = time.time() - t1
             t1 = time.time()
             probs_body = sample_proposals(
-                self.model, stack[idx], self.text_states(res.organ), seeds, steps=opts.steps,
+                self.model, stack[idx], states, seeds, steps=opts.steps,
                 scheduler=opts.scheduler, device=self.device, batch_size=opts.batch_size,
                 progress=(lambda d, t: progress("sampling", d, t)) if progress else None, cancel=cancel)
             timings["sampling"] = time.time() - t1
+            timings["sampled_slices"] = float(len(idx))
         t2 = time.time()
         probs = np.zeros((opts.proposals,) + vol.shape, np.float32)
         probs[:, idx] = probs_body

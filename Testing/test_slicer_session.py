@@ -1,0 +1,73 @@
+"""Proposal cycling and accept/discard bookkeeping against a fake scene."""
+import numpy as np
+import pytest
+
+from ProGiDiffSlicerLib.proposals_session import ProposalSession
+
+
+class FakeScene:
+    """Implements proposals_session.SceneIO in memory."""
+
+    def __init__(self):
+        self.nodes = {}
+        self.visible = None
+        self.segments = {}  # target -> {name: mask}
+        self.editor = None
+
+    def create_proposals(self, name, masks, reference, segment_names, color, terminology):
+        self.nodes[name] = {"masks": masks.copy(), "names": list(segment_names), "terminology": terminology}
+        return name
+
+    def show_only(self, proposals, index):
+        self.visible = (proposals, index)
+
+    def remove(self, proposals):
+        del self.nodes[proposals]
+
+    def segment_names(self, target):
+        return list(self.segments.get(target, {}))
+
+    def write_segment(self, target, name, mask, reference, color, terminology):
+        self.segments.setdefault(target, {})[name] = mask.copy()
+        return f"seg-{name}"
+
+    def open_in_segment_editor(self, target, reference, segment_id):
+        self.editor = (target, segment_id)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_engine, ct_crop):
+    from progidiff.engine import SegmentOptions
+    from progidiff.volume import read_scan
+
+    return tiny_engine.segment(read_scan(ct_crop), "liver", SegmentOptions(proposals=3, steps=2))
+
+
+def test_cycle_label_accept_and_discard(result):
+    scene = FakeScene()
+    s = ProposalSession(scene, result, reference="volume")
+    node = s.node
+    assert len(scene.nodes[node]["names"]) == 3 and scene.nodes[node]["names"][0] == "Liver — proposal 1"
+    assert "SCT^10200004^Liver" in scene.nodes[node]["terminology"]
+    assert scene.visible == (node, 0)
+    assert s.label().startswith("1 of 3 · agreement ") and s.label().endswith(" mL")
+    s.next()
+    s.next()
+    assert scene.visible == (node, 2) and s.label().startswith("3 of 3")
+    s.next()
+    assert s.index == 0
+    s.previous()
+    assert s.index == 2
+    seg = s.accept("target")
+    assert seg == "seg-Liver" and scene.editor == ("target", "seg-Liver")
+    np.testing.assert_array_equal(scene.segments["target"]["Liver"], result.masks[2])
+    # an existing segment is never overwritten without asking
+    before = scene.segments["target"]["Liver"].copy()
+    assert s.accept("target", which="consensus", confirm_overwrite=lambda name: False) is None
+    np.testing.assert_array_equal(scene.segments["target"]["Liver"], before)
+    asked = []
+    assert s.accept("target", which="consensus", confirm_overwrite=lambda name: asked.append(name) or True)
+    assert asked == ["Liver"]
+    np.testing.assert_array_equal(scene.segments["target"]["Liver"], result.consensus)
+    s.discard()
+    assert scene.nodes == {}
