@@ -39,3 +39,18 @@ def test_consensus_and_uncertainty():
 def test_volumes():
     m = _masks()
     assert volumes_ml(m, 0.5) == [108.0, 108.0, 108.0, 13.5]
+
+
+def test_largest_diameter_of_a_box_in_world_mm():
+    import SimpleITK as sitk
+
+    from progidiff.proposals import kji_to_world, largest_diameter_mm
+
+    img = sitk.Image(20, 30, 10, sitk.sitkUInt8)
+    img.SetSpacing((2.0, 1.0, 3.0))
+    img.SetDirection((-1, 0, 0, 0, 0, 1, 0, -1, 0))  # permuted and flipped axes
+    mask = np.zeros((10, 30, 20), bool)
+    mask[2:5, 3:13, 4:9] = True  # k 2..4 (3 mm), j 3..12 (1 mm), i 4..8 (2 mm)
+    expected = np.sqrt((2 * 3) ** 2 + (9 * 1) ** 2 + (4 * 2) ** 2)
+    assert abs(largest_diameter_mm(mask, kji_to_world(img)) - expected) < 1e-6
+    assert largest_diameter_mm(np.zeros_like(mask), kji_to_world(img)) == 0.0

@@ -137,10 +137,77 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
                                   series=a.series)
         finally:
             bar.close()
-        vol = report["volume_ml"]
+        vol, dia = report["volume_ml"], report["diameter_mm"]
         print(f"{case_name(path)}: {report['organ_display']} · {len(report['proposals'])} proposals · agreement "
-              f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL (min/median/max)"
+              f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL, largest "
+              f"diameter {dia['min']:.0f}/{dia['median']:.0f}/{dia['max']:.0f} mm (min/median/max)"
               f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
+    return 0
+
+
+EPILOG_REFINE = """example:
+  progidiff refine scan.nii.gz --prompt liver --mask edited.nii.gz --keep changed.nii.gz --proposals 8 -o refined/
+  (edited: your corrected mask; keep: the voxels to keep exactly, e.g. those you changed)
+"""
+
+
+def _add_refine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("refine", help="re-sample proposals around an expert's edited mask",
+                       description="Start from an edited mask, keep the KEEP voxels exactly, and re-generate the rest "
+                                   "(partially noised by --strength). Same outputs as segment.",
+                       epilog=EPILOG_REFINE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="the scan (file or DICOM folder)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mask", required=True, help="the edited mask (0/1 image on the scan's grid)")
+    p.add_argument("--keep", required=True, help="voxels to keep exactly (0/1 image on the scan's grid)")
+    p.add_argument("-n", "--proposals", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--strength", type=float, default=0.6, help="how much of the edited mask is re-noised (0-1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
+    p.add_argument("--model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-o", "--output", required=True)
+
+
+def _read_mask_on(path: str, scan) -> "np.ndarray":
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .errors import InputError
+    from .volume import _first_line
+
+    try:
+        m = sitk.ReadImage(path)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot be read as a mask ({_first_line(exc)}).") from exc
+    if m.GetDimension() != 3 or m.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: a mask must be a 3D single-component image.")
+    # Nearest-neighbour onto the scan's grid (a no-op when the mask was saved from it).
+    m = sitk.Resample(m, scan.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(m) > 0
+
+
+def _run_refine(a: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .engine import Engine, SegmentOptions
+    from .outputs import check_output_dir
+    from .segment import write_result
+    from .volume import read_scan
+
+    opts = SegmentOptions(proposals=a.proposals, steps=a.steps, seed=a.seed, modality=a.modality)
+    opts.validate()
+    out = Path(a.output)
+    check_output_dir(out, a.overwrite)
+    scan = read_scan(a.input)
+    edited, keep = _read_mask_on(a.mask, scan), _read_mask_on(a.keep, scan)
+    engine = Engine(a.model, device=a.device)
+    result = engine.refine(scan, a.prompt, edited, keep, opts, strength=a.strength)
+    report = write_result(result, engine, out, a.overwrite, extra={"refined_from": str(a.mask), "kept": str(a.keep),
+                                                                   "strength": a.strength})
+    vol = report["volume_ml"]
+    print(f"{report['organ_display']}: {len(report['proposals'])} refined proposals · agreement {report['agreement']:.2f}"
+          f" · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL -> {out}/")
     return 0
 
 
@@ -180,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_refine(sub)
     return parser
 
 
@@ -190,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    runners = {"train": _run_train, "segment": _run_segment, "evaluate": _run_evaluate}
+    runners = {"train": _run_train, "segment": _run_segment, "evaluate": _run_evaluate, "refine": _run_refine}
     try:
         return runners[a.command](a, argv)
     except ProGiDiffError as exc:

@@ -20,7 +20,7 @@ import torch
 from .errors import InputError, ModelError, PromptError
 from .model import DEFAULT_TEXT_ENCODER, ProGiDiffModel
 from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
-from .proposals import ProposalSet, consensus, rank, uncertainty, volumes_ml
+from .proposals import ProposalSet, consensus, kji_to_world, largest_diameter_mm, rank, uncertainty, volumes_ml
 from .sampling import SCHEDULERS, sample_proposals
 from .volume import GridSpec, Scan, context_slices, from_model_grid, guess_modality, model_grid, to_model_grid
 
@@ -118,6 +118,7 @@ class SegmentResult:
     scheduler: str
     device: str
     seconds: float
+    diameters_mm: list[float] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
 
@@ -172,12 +173,9 @@ class Engine:
         lo, hi = hit.min() - margin, hit.max() + margin
         return idx[(idx >= lo) & (idx <= hi)]
 
-    def segment(self, scan: Scan, prompt: str, options: SegmentOptions | None = None,
-                progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> SegmentResult:
-        opts = options or SegmentOptions()
+    def _prepare(self, scan: Scan, prompt: str, opts: SegmentOptions) -> dict:
+        """Prompt, modality, model grid, 2.5D stack and the body's slices."""
         opts.validate()
-        t0 = time.time()
-        timings: dict[str, float] = {}
         res = self.resolve(prompt)
         if opts.modality == "auto":
             modality, reason = guess_modality(scan)
@@ -185,49 +183,103 @@ class Engine:
                 log.warning("modality assumed %s from the %s; pass --modality to override", modality, reason)
         else:
             modality, reason = opts.modality, "given"
+        ref = model_grid(scan.image, self.grid, modality)
+        vol = to_model_grid(scan.image, ref, modality)
+        stack = context_slices(vol, self.model.config.context)
+        # Slices with no body (air only) are not sampled: they cost time and can only add false positives.
+        idx = np.nonzero(vol.reshape(vol.shape[0], -1).max(1) > 0.05)[0]
+        if len(idx) == 0:
+            raise InputError(f"{scan.path}: no body found in the scan (all voxels look like air/background).")
+        return dict(res=res, modality=modality, reason=reason, ref=ref, vol=vol, stack=stack, idx=idx,
+                    states=self.text_states(res.organ))
+
+    def segment(self, scan: Scan, prompt: str, options: SegmentOptions | None = None,
+                progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> SegmentResult:
+        """N proposals of the prompted organ on the scan's grid, best-ranked first."""
+        opts = options or SegmentOptions()
+        t0 = time.time()
         with self.lock:
-            ref = model_grid(scan.image, self.grid, modality)
-            vol = to_model_grid(scan.image, ref, modality)
-            stack = context_slices(vol, self.model.config.context)
-            # Slices with no body (air only) are not sampled: they cost time and can only add false positives.
-            body = vol.reshape(vol.shape[0], -1).max(1) > 0.05
-            idx = np.nonzero(body)[0]
-            if len(idx) == 0:
-                raise InputError(f"{scan.path}: no body found in the scan (all voxels look like air/background).")
-            timings["preprocess"] = time.time() - t0
+            p = self._prepare(scan, prompt, opts)
+            timings = {"preprocess": time.time() - t0}
             seeds = [opts.seed + k for k in range(opts.proposals)]
-            states = self.text_states(res.organ)
+            idx = p["idx"]
             t1 = time.time()
             if opts.prepass and len(idx) > 8:
-                idx = self._organ_slab(stack, idx, states, opts, progress, cancel)
+                idx = self._organ_slab(p["stack"], idx, p["states"], opts, progress, cancel)
             timings["prepass"] = time.time() - t1
             t1 = time.time()
             probs_body = sample_proposals(
-                self.model, stack[idx], states, seeds, steps=opts.steps,
+                self.model, p["stack"][idx], p["states"], seeds, steps=opts.steps,
                 scheduler=opts.scheduler, device=self.device, batch_size=opts.batch_size,
                 progress=(lambda d, t: progress("sampling", d, t)) if progress else None, cancel=cancel)
             timings["sampling"] = time.time() - t1
             timings["sampled_slices"] = float(len(idx))
+        return self._finish(scan, prompt, p, opts, seeds, idx, probs_body, t0, timings)
+
+    def refine(self, scan: Scan, prompt: str, edited: np.ndarray, keep: np.ndarray, options: SegmentOptions | None = None,
+               strength: float = 0.6, progress: ProgressFn | None = None,
+               cancel: threading.Event | None = None) -> SegmentResult:
+        """Re-sample around the expert's edits: proposals start from the edited mask noised by
+        ``strength`` and match it exactly inside ``keep`` (both KJI arrays on the scan's grid)."""
+        from .volume import array_to_image, label_to_model_grid
+
+        opts = options or SegmentOptions()
+        shape = sitk.GetArrayViewFromImage(scan.image).shape
+        if edited.shape != shape or keep.shape != shape:
+            raise InputError(f"The edited mask {edited.shape} and keep mask {keep.shape} must lie on the scan's grid {shape}; "
+                             "save them from the same volume.")
+        if not keep.any():
+            raise InputError("The keep mask is empty: mark the voxels you corrected (or use segment for a fresh start).")
+        t0 = time.time()
+        with self.lock:
+            p = self._prepare(scan, prompt, opts)
+            timings = {"preprocess": time.time() - t0}
+            e_grid = label_to_model_grid(array_to_image(edited.astype(np.uint8), scan.image), p["ref"]).astype(np.float32)
+            k_grid = label_to_model_grid(array_to_image(keep.astype(np.uint8), scan.image), p["ref"])
+            idx = p["idx"]
+            near = np.nonzero((e_grid > 0).reshape(len(e_grid), -1).any(1) | k_grid.reshape(len(k_grid), -1).any(1))[0]
+            if len(near):
+                margin = int(np.ceil(opts.prepass_margin_mm / self.model.config.grid_spacing[2]))
+                idx = idx[(idx >= near.min() - margin) & (idx <= near.max() + margin)]
+            seeds = [opts.seed + k for k in range(opts.proposals)]
+            t1 = time.time()
+            probs_body = sample_proposals(
+                self.model, p["stack"][idx], p["states"], seeds, steps=opts.steps, scheduler=opts.scheduler,
+                device=self.device, batch_size=opts.batch_size, init_mask=e_grid[idx], strength=strength,
+                keep_mask=k_grid[idx], progress=(lambda d, t: progress("sampling", d, t)) if progress else None,
+                cancel=cancel)
+            timings["sampling"] = time.time() - t1
+        return self._finish(scan, prompt, p, opts, seeds, idx, probs_body, t0, timings,
+                            force=(keep.astype(bool), edited.astype(bool)))
+
+    def _finish(self, scan: Scan, prompt: str, p: dict, opts: SegmentOptions, seeds: list[int], idx: np.ndarray,
+                probs_body: np.ndarray, t0: float, timings: dict,
+                force: tuple[np.ndarray, np.ndarray] | None = None) -> SegmentResult:
+        """Back to the scan's grid, rank, consensus, uncertainty, measurements."""
         t2 = time.time()
+        vol, ref = p["vol"], p["ref"]
         probs = np.zeros((opts.proposals,) + vol.shape, np.float32)
         probs[:, idx] = probs_body
         grid_masks = probs > 0.5
         if opts.keep_largest:
             probs, grid_masks = _keep_largest(probs, grid_masks)
-        masks = np.stack([from_model_grid(p, ref, scan.image) for p in probs])
+        masks = np.stack([from_model_grid(pr, ref, scan.image) for pr in probs])
+        if force is not None:
+            keep, edited = force
+            masks[:, keep] = edited[keep]  # the expert's kept voxels, exactly
         ranking = rank(masks)
         order = ranking.order
         masks = masks[order]
-        cons = consensus(masks)
-        unc = uncertainty(masks)
-        vols = volumes_ml(masks, scan.voxel_volume_ml)
+        to_world = kji_to_world(scan.image)
         timings["postprocess"] = time.time() - t2
         return SegmentResult(
-            organ=res.organ, prompt=prompt, similarity=res.similarity, modality=modality, modality_reason=reason,
-            image=scan.image, masks=masks, seeds=[seeds[i] for i in order], ranking=ranking,
-            scores=[ranking.scores[i] for i in order], volumes_ml=vols, consensus=cons, uncertainty=unc,
-            grid=ref, grid_image=vol, grid_masks=grid_masks[order], steps=opts.steps, scheduler=opts.scheduler,
-            device=str(self.device), seconds=time.time() - t0, timings=timings)
+            organ=p["res"].organ, prompt=prompt, similarity=p["res"].similarity, modality=p["modality"],
+            modality_reason=p["reason"], image=scan.image, masks=masks, seeds=[seeds[i] for i in order],
+            ranking=ranking, scores=[ranking.scores[i] for i in order],
+            volumes_ml=volumes_ml(masks, scan.voxel_volume_ml), consensus=consensus(masks),
+            uncertainty=uncertainty(masks), grid=ref, grid_image=vol, grid_masks=grid_masks[order],
+            steps=opts.steps, scheduler=opts.scheduler, device=str(self.device), seconds=time.time() - t0,
+            diameters_mm=[largest_diameter_mm(m, to_world) for m in masks], timings=timings)
 
 
 def _keep_largest(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

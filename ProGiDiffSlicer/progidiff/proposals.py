@@ -69,3 +69,35 @@ def uncertainty(masks: np.ndarray) -> np.ndarray:
 
 def volumes_ml(masks: np.ndarray, voxel_ml: float) -> list[float]:
     return [float(np.count_nonzero(m)) * voxel_ml for m in masks]
+
+
+def largest_diameter_mm(mask: np.ndarray, index_to_world: np.ndarray) -> float:
+    """Largest 3D extent (maximum Feret diameter) of a mask, in mm.
+
+    ``index_to_world`` maps (k, j, i, 1) array indices to world mm (a 4x4 matrix). The
+    farthest pair of voxel centres lies on the convex hull, so only hull vertices are compared.
+    """
+    pts = np.argwhere(mask)
+    if len(pts) < 2:
+        return 0.0
+    world = pts @ index_to_world[:3, :3].T + index_to_world[:3, 3]
+    if len(world) > 4:
+        from scipy.spatial import ConvexHull, QhullError
+
+        try:
+            world = world[ConvexHull(world).vertices]
+        except QhullError:  # flat or degenerate: compare all points (few of them)
+            pass
+    if len(world) > 4000:
+        world = world[np.linspace(0, len(world) - 1, 4000).astype(int)]
+    d2 = ((world[:, None, :] - world[None, :, :]) ** 2).sum(-1)
+    return float(np.sqrt(d2.max()))
+
+
+def kji_to_world(image) -> np.ndarray:
+    """4x4 matrix from (k, j, i) array indices of a SimpleITK image to world (LPS) mm."""
+    d = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())[None, :]
+    m = np.eye(4)
+    m[:3, :3] = d[:, ::-1]  # columns for k, j, i
+    m[:3, 3] = image.GetOrigin()
+    return m

@@ -35,9 +35,11 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "seconds": round(result.seconds, 2),
         "timings": {k: round(v, 2) for k, v in result.timings.items()},
         "proposals": [{"file": proposal_name(i + 1), "rank": i + 1, "score": round(result.scores[i], 4),
-                       "seed": result.seeds[i], "volume_ml": round(result.volumes_ml[i], 2)}
+                       "seed": result.seeds[i], "volume_ml": round(result.volumes_ml[i], 2),
+                       "diameter_mm": round(result.diameters_mm[i], 1)}
                       for i in range(len(result.seeds))],
-        "volume_ml": {"min": round(min(vols), 2), "median": round(float(np.median(vols)), 2), "max": round(max(vols), 2)},
+        "volume_ml": _range(vols, 2),
+        "diameter_mm": _range(result.diameters_mm, 1),
         "agreement": round(result.ranking.agreement, 4),
         "review": bool(result.ranking.review),
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
@@ -46,9 +48,17 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
     }
 
 
-def write_result(result: SegmentResult, engine: Engine, outdir: Path, overwrite: bool = False) -> dict:
+def _range(values, digits: int) -> dict:
+    """min / median / max across proposals: the measurement with its spread."""
+    return {"min": round(float(min(values)), digits), "median": round(float(np.median(values)), digits),
+            "max": round(float(max(values)), digits)}
+
+
+def write_result(result: SegmentResult, engine: Engine, outdir: Path, overwrite: bool = False,
+                 extra: dict | None = None) -> dict:
     """Write every file of the output contract into ``outdir``, atomically."""
     report = build_report(result, engine)
+    report.update(extra or {})
     with staging(outdir, overwrite) as tmp:
         like = result.image
         for i, m in enumerate(result.masks):
