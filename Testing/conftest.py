@@ -135,3 +135,28 @@ def engine(shipped_model):
 import sys as _sys  # noqa: E402
 
 _sys.path.insert(0, str(REPO / "ProGiDiffSlicer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mr_dataset(tmp_path_factory, mr_path) -> Path:
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("tiny_mr")
+    (root / "imagesTr").mkdir()
+    (root / "labelsTr").mkdir()
+    shutil.copy(mr_path, root / "imagesTr" / "mr_001_0000.nii.gz")
+    shutil.copy(shared("mr-abdomen", "labelsTr", "tsmr_001.nii.gz"), root / "labelsTr" / "mr_001.nii.gz")
+    meta = json.loads(shared("mr-abdomen", "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({"labels": meta["labels"], "channel_names": {"0": "MR"}}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model, tiny_mr_dataset) -> Path:
+    from progidiff.adapt import AdaptConfig, adapt
+
+    out = tmp_path_factory.mktemp("adapters") / "tiny-mr-lora"
+    adapt(AdaptConfig(dataset=str(tiny_mr_dataset), base=str(tiny_model), output=str(out), shots=10, rank=2,
+                      steps=4, batch_size=4), progress=False)
+    return out

@@ -52,10 +52,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--holdout-fraction", type=float, default=0.0,
                    help="hold out a central slab of this fraction of the organs' extent (for evaluate)")
+    p.add_argument("--holdout-like", metavar="DIR",
+                   help="hold out the same slabs as this model/adapter card (e.g. to train a baseline on the same shots)")
+    p.add_argument("--modality", choices=["CT", "MR"], help="the dataset's modality (default: from dataset.json)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints")
     p.add_argument("--workers", type=int, default=d.workers, help="data-loading worker processes")
+
+
+def _holdout_from(folder: str) -> dict:
+    from .evaluate import holdout_of
+
+    return holdout_of(Path(folder))
 
 
 def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -65,7 +74,8 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, batch_size=a.batch_size,
                       lr=a.lr, seed=a.seed, holdout_fraction=a.holdout_fraction,
                       mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,
-                      resume=a.resume, workers=a.workers, command="progidiff " + shlex.join(argv))
+                      resume=a.resume, workers=a.workers, command="progidiff " + shlex.join(argv),
+                      modality=a.modality, holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None)
     out = train(cfg)
     print(f"model saved to {out}")
     return 0
@@ -84,6 +94,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
     p.add_argument("--model", help="model folder (default: the shipped CT model)")
+    p.add_argument("--adapter", default="auto",
+                   help="LoRA adapter folder, 'auto' (the one for the input's modality beside the model) or 'none'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=_positive_int, help="slices per model call (default: from the device)")
     p.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
@@ -91,6 +103,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="sample every body slice instead of locating the organ's slab first")
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     p.add_argument("-o", "--output", required=True, help="output folder (one subfolder per case for several inputs)")
+
+
+def _adapter_arg(value: str | None) -> str | None:
+    return None if value in (None, "none", "None") else value
 
 
 def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -121,7 +137,7 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
         check_output_dir(o, a.overwrite)
     # SIGTERM takes the same path as Ctrl-C: staging folders are removed, outputs untouched.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    engine = Engine(a.model, device=device)
+    engine = Engine(a.model, device=device, adapter=_adapter_arg(a.adapter))
     engine.resolve(a.prompt)
     for path, o in jobs:
         bar = tqdm(total=1, desc=f"{case_name(path)}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
@@ -211,6 +227,45 @@ def _run_refine(a: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+EPILOG_ADAPT = """example:
+  progidiff adapt ../shared/data/mr-abdomen --from Resources/Models/progidiff-ct-abdomen --modality MR --shots 10 \\
+      -o Resources/Models/progidiff-ct-abdomen-mr-lora
+"""
+
+
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    from .adapt import AdaptConfig
+
+    d = AdaptConfig("", "", "")
+    p = sub.add_parser("adapt", help="few-shot LoRA adaptation to a new modality (CT -> MR)",
+                       description="Train a LoRA adapter (peft) on the ControlNet branch with K labelled slices of a new "
+                                   "modality: the K central slices of each case adapt, the slabs above and below are held out.",
+                       epilog=EPILOG_ADAPT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset")
+    p.add_argument("--from", dest="base", required=True, help="the model to adapt")
+    p.add_argument("--modality", default="MR", choices=["CT", "MR"])
+    p.add_argument("--shots", type=_positive_int, default=d.shots, help="labelled slices to adapt on (default 10)")
+    p.add_argument("--rank", type=_positive_int, default=d.rank, help="LoRA rank (default 8)")
+    p.add_argument("--steps", type=_positive_int, default=d.steps)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--include-base", action="store_true", help="also adapt the base UNet's attention")
+    p.add_argument("--no-bias-field", action="store_true", help="switch off bias-field augmentation")
+    p.add_argument("-o", "--output", required=True)
+
+
+def _run_adapt(a: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .adapt import AdaptConfig, adapt
+
+    out = adapt(AdaptConfig(dataset=a.dataset, base=a.base, output=a.output, modality=a.modality, shots=a.shots,
+                            rank=a.rank, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                            include_base=a.include_base, bias_field=not a.no_bias_field,
+                            command="progidiff " + shlex.join(argv)))
+    print(f"adapter saved to {out}")
+    return 0
+
+
 EPILOG_EVALUATE = """example:
   progidiff evaluate Resources/Models/progidiff-ct-abdomen ../shared/data/ct-abdomen --proposals 8 -o eval/
 """
@@ -227,6 +282,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--adapter", default="auto", help="LoRA adapter folder, 'auto' or 'none'")
+    p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
+    p.add_argument("--region-from", help="a model or adapter folder whose card names the held-out slabs to score on")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-o", "--output", required=True, help="report folder (report.md, report.json, report.png)")
 
@@ -235,7 +293,8 @@ def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .evaluate import evaluate
 
     rep = evaluate(a.model, a.dataset, Path(a.output), proposals=a.proposals, steps=a.steps, seed=a.seed,
-                   device=a.device, overwrite=a.overwrite, command="progidiff " + shlex.join(argv))
+                   device=a.device, overwrite=a.overwrite, command="progidiff " + shlex.join(argv),
+                   adapter=_adapter_arg(a.adapter), modality=a.modality, region_from=a.region_from)
     print((Path(a.output) / "report.md").read_text())
     return 0
 
@@ -248,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_refine(sub)
+    _add_adapt(sub)
     return parser
 
 
@@ -258,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    runners = {"train": _run_train, "segment": _run_segment, "evaluate": _run_evaluate, "refine": _run_refine}
+    runners = {"train": _run_train, "segment": _run_segment, "evaluate": _run_evaluate, "refine": _run_refine, "adapt": _run_adapt}
     try:
         return runners[a.command](a, argv)
     except ProGiDiffError as exc:

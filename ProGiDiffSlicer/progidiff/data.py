@@ -132,6 +132,15 @@ def augmentation(keys: tuple[str, str] = ("image", "label"), strong: bool = True
     ])
 
 
+def z_ranges(value) -> list[tuple[float, float]]:
+    """Held-out slabs as a list of (lo, hi) mm; accepts one [lo, hi] pair or a list of pairs."""
+    if not value:
+        return []
+    if isinstance(value[0], (int, float)):
+        return [(float(value[0]), float(value[1]))]
+    return [(float(a), float(b)) for a, b in value]
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """Random 2.5D training slices, balanced over organs, with organ-free slices mixed in.
 
@@ -141,7 +150,7 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __init__(self, cases: list[PreparedCase], organs: Sequence[str], context: int, length: int,
                  seed: int = 0, positive_fraction: float = 0.75, augment: bool = True,
-                 exclude_z: dict[str, tuple[float, float]] | None = None) -> None:
+                 exclude_z: dict[str, list[tuple[float, float]]] | None = None) -> None:
         self.cases = cases
         self.organs = list(organs)
         self.context = context
@@ -154,8 +163,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.allowed: list[np.ndarray] = []
         for c in cases:
             ok = c.image.reshape(c.image.shape[0], -1).max(1) > 0.05
-            if exclude_z and c.name in exclude_z:
-                lo, hi = exclude_z[c.name]
+            for lo, hi in z_ranges((exclude_z or {}).get(c.name, [])):
                 ok &= ~((c.z_world >= lo) & (c.z_world <= hi))
             self.allowed.append(np.nonzero(ok)[0])
         self.pairs = [(ci, o) for ci, c in enumerate(cases) for o in self.organs

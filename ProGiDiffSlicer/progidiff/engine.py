@@ -119,19 +119,29 @@ class SegmentResult:
     device: str
     seconds: float
     diameters_mm: list[float] = field(default_factory=list)
+    adapter: str | None = None
     timings: dict = field(default_factory=dict)
 
 
 class Engine:
     """A loaded model with its prompt resolver. Thread-safe for one caller at a time."""
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, device: str = "auto") -> None:
+    def __init__(self, model_dir: str | os.PathLike | None = None, device: str = "auto",
+                 adapter: str | os.PathLike | None = "auto") -> None:
+        """adapter: "auto" (an adapter for the input's modality found beside the model),
+        a folder (always used for its modality), or None (never)."""
         t0 = time.time()
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.model = ProGiDiffModel.from_pretrained(self.model_dir)
         self.card = self.model.card
+        self.adapter = adapter
+        self._adapted: dict[str, tuple[ProGiDiffModel, str]] = {}
         self.device = pick_device(device)
         self.model.to(self.device)
+        if adapter not in (None, "auto"):
+            from .adapt import read_adapter_card
+
+            read_adapter_card(Path(adapter))  # refuse a broken adapter now, not mid-run
         self.vocabulary = Vocabulary.from_dict(self.card["vocabulary"]) if "vocabulary" in self.card else Vocabulary.load()
         self.encoder = load_text_encoder(self.model, self.model_dir)
         self.resolver = PromptResolver(self.vocabulary, self.encoder)
@@ -145,6 +155,30 @@ class Engine:
         c = self.model.config
         return GridSpec(tuple(c.grid_spacing), tuple(c.grid_size))
 
+    def model_for(self, modality: str) -> tuple[ProGiDiffModel, str | None]:
+        """The base model, or the base with the adapter for ``modality`` (cached)."""
+        from .adapt import apply_adapter, find_adapter, read_adapter_card
+
+        base_modality = self.card.get("modality", "CT")
+        if self.adapter is None or (modality == base_modality and self.adapter == "auto"):
+            return self.model, None
+        if modality in self._adapted:
+            return self._adapted[modality]
+        if self.adapter == "auto":
+            found = find_adapter(self.model_dir, modality, self.card.get("sha256", {}).get("diffusion_pytorch_model.safetensors"))
+            if found is None:
+                log.warning("no %s adapter found for %s: using the %s model as it is (expect lower accuracy)",
+                            modality, self.model_dir.name, base_modality)
+                return self.model, None
+        else:
+            found = Path(self.adapter)
+            if read_adapter_card(found).get("modality") != modality:
+                return self.model, None
+        adapted = apply_adapter(self.model, found).to(self.device)
+        self._adapted[modality] = (adapted, found.name)
+        log.info("using adapter %s for %s", found.name, modality)
+        return self._adapted[modality]
+
     def text_states(self, organ: Organ) -> torch.Tensor:
         if organ.name not in self._states:
             self._states[organ.name] = self.encoder.token_states([organ.display])
@@ -157,12 +191,12 @@ class Engine:
                               f"{', '.join(self.vocabulary[o].display for o in self.card['organs'])}.")
         return res
 
-    def _organ_slab(self, stack: np.ndarray, idx: np.ndarray, states: torch.Tensor, opts: SegmentOptions,
+    def _organ_slab(self, model: ProGiDiffModel, stack: np.ndarray, idx: np.ndarray, states: torch.Tensor, opts: SegmentOptions,
                     progress: ProgressFn | None, cancel: threading.Event | None) -> np.ndarray:
         """Body slices within the organ's slab found by a cheap pass (about 1.5 % of the
         cost of 8 proposals x 8 steps), widened by the margin on each side."""
         coarse = idx[::2]
-        p = sample_proposals(self.model, stack[coarse], states, [opts.seed + 10_000], steps=2,
+        p = sample_proposals(model, stack[coarse], states, [opts.seed + 10_000], steps=2,
                              scheduler="dpm++", device=self.device, batch_size=opts.batch_size,
                              progress=(lambda d, t: progress("locating", d, t)) if progress else None, cancel=cancel)
         hit = coarse[(p[0] > 0.5).reshape(len(coarse), -1).sum(1) >= 4]
@@ -190,8 +224,9 @@ class Engine:
         idx = np.nonzero(vol.reshape(vol.shape[0], -1).max(1) > 0.05)[0]
         if len(idx) == 0:
             raise InputError(f"{scan.path}: no body found in the scan (all voxels look like air/background).")
+        model, adapter = self.model_for(modality)
         return dict(res=res, modality=modality, reason=reason, ref=ref, vol=vol, stack=stack, idx=idx,
-                    states=self.text_states(res.organ))
+                    states=self.text_states(res.organ), model=model, adapter=adapter)
 
     def segment(self, scan: Scan, prompt: str, options: SegmentOptions | None = None,
                 progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> SegmentResult:
@@ -205,11 +240,11 @@ class Engine:
             idx = p["idx"]
             t1 = time.time()
             if opts.prepass and len(idx) > 8:
-                idx = self._organ_slab(p["stack"], idx, p["states"], opts, progress, cancel)
+                idx = self._organ_slab(p["model"], p["stack"], idx, p["states"], opts, progress, cancel)
             timings["prepass"] = time.time() - t1
             t1 = time.time()
             probs_body = sample_proposals(
-                self.model, p["stack"][idx], p["states"], seeds, steps=opts.steps,
+                p["model"], p["stack"][idx], p["states"], seeds, steps=opts.steps,
                 scheduler=opts.scheduler, device=self.device, batch_size=opts.batch_size,
                 progress=(lambda d, t: progress("sampling", d, t)) if progress else None, cancel=cancel)
             timings["sampling"] = time.time() - t1
@@ -244,7 +279,7 @@ class Engine:
             seeds = [opts.seed + k for k in range(opts.proposals)]
             t1 = time.time()
             probs_body = sample_proposals(
-                self.model, p["stack"][idx], p["states"], seeds, steps=opts.steps, scheduler=opts.scheduler,
+                p["model"], p["stack"][idx], p["states"], seeds, steps=opts.steps, scheduler=opts.scheduler,
                 device=self.device, batch_size=opts.batch_size, init_mask=e_grid[idx], strength=strength,
                 keep_mask=k_grid[idx], progress=(lambda d, t: progress("sampling", d, t)) if progress else None,
                 cancel=cancel)
@@ -279,7 +314,7 @@ class Engine:
             volumes_ml=volumes_ml(masks, scan.voxel_volume_ml), consensus=consensus(masks),
             uncertainty=uncertainty(masks), grid=ref, grid_image=vol, grid_masks=grid_masks[order],
             steps=opts.steps, scheduler=opts.scheduler, device=str(self.device), seconds=time.time() - t0,
-            diameters_mm=[largest_diameter_mm(m, to_world) for m in masks], timings=timings)
+            diameters_mm=[largest_diameter_mm(m, to_world) for m in masks], adapter=p["adapter"], timings=timings)
 
 
 def _keep_largest(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

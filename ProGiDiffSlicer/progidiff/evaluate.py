@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
-from .data import read_dataset
+from .data import read_dataset, z_ranges
 from .engine import Engine, SegmentOptions
 from .errors import InputError
 from .outputs import staging
@@ -69,13 +69,29 @@ class OrganScore:
     metrics: dict
 
 
+def holdout_of(folder: Path) -> dict:
+    """The held-out slabs recorded in a model card or an adapter card."""
+    for name in ("adapter_card.json", "model_card.json"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text()).get("training", {}).get("holdout_z_mm", {})
+    raise InputError(f"{folder}: holds neither a model card nor an adapter card.")
+
+
 def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, steps: int = 8, seed: int = 0,
-             device: str = "auto", overwrite: bool = False, region: str = "auto", command: str = "") -> dict:
-    engine = Engine(model_dir, device=device)
+             device: str = "auto", overwrite: bool = False, region: str = "auto", command: str = "",
+             adapter: str | None = "auto", modality: str = "auto", region_from: str | None = None) -> dict:
+    engine = Engine(model_dir, device=device, adapter=adapter)
     info = read_dataset(dataset)
     card = engine.card
-    holdout = card.get("training", {}).get("holdout_z_mm", {})
+    modality = modality if modality != "auto" else (info.modality or "auto")
     trained_on = set(card.get("training", {}).get("cases", []))
+    if region_from:
+        holdout = holdout_of(Path(region_from))
+    elif adapter not in (None, "auto"):
+        holdout = holdout_of(Path(adapter))
+        trained_on |= set(holdout)
+    else:
+        holdout = card.get("training", {}).get("holdout_z_mm", {})
     organs = [o for o in card.get("organs", []) if any(engine.vocabulary.organ_for_label_name(n) and
                                                        engine.vocabulary.organ_for_label_name(n).name == o for n in info.labels)]
     if not organs:
@@ -92,10 +108,13 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
             label = sitk.GetArrayFromImage(sitk.ReadImage(str(entry.label)))
             keep = np.ones(label.shape, bool)
             if entry.name in holdout and region in ("auto", "holdout"):
-                lo, hi = holdout[entry.name]
                 z = world_z(scan.image)
-                keep = (z >= lo) & (z <= hi)
-                regions[entry.name] = f"held-out slab z in [{lo:.1f}, {hi:.1f}] mm (not used in training)"
+                slabs = z_ranges(holdout[entry.name])
+                keep = np.zeros(z.shape, bool)
+                for lo, hi in slabs:
+                    keep |= (z >= lo) & (z <= hi)
+                regions[entry.name] = ("held-out slab(s) " + ", ".join(f"z in [{lo:.1f}, {hi:.1f}] mm" for lo, hi in slabs)
+                                       + f" ({keep.mean():.0%} of the scan; not used in training)")
             elif entry.name in trained_on:
                 regions[entry.name] = "WHOLE SCAN, WHICH THE MODEL WAS TRAINED ON (no held-out slab recorded)"
             else:
@@ -109,7 +128,9 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                 if not ref.any():
                     bar.update(1)
                     continue
-                res = engine.segment(scan, organ.display, SegmentOptions(proposals=proposals, steps=steps, seed=seed))
+                res = engine.segment(scan, organ.display, SegmentOptions(proposals=proposals, steps=steps, seed=seed,
+                                                                         modality=modality))
+                used_adapter = res.adapter
                 masks = res.masks & keep[None]
                 per = [dice_hd95(m, ref, sp) for m in masks]
                 cons = dice_hd95(res.consensus & keep, ref, sp)
@@ -132,6 +153,8 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                 bar.update(1)
         bar.close()
         report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command)
+        report["adapter"] = locals().get("used_adapter")
+        report["modality"] = modality
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(_markdown(report))
         _figure(report, tmp / "report.png")

@@ -25,7 +25,7 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "similarity": round(result.similarity, 4),
         "modality": result.modality,
         "modality_source": result.modality_reason,
-        "adapter": None,
+        "adapter": result.adapter,
         "model": engine.model_dir.name,
         "model_path": str(engine.model_dir),
         "device": result.device,

@@ -52,6 +52,7 @@ class TrainConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     encoder_channels: tuple[int, ...] = (16, 32, 32)
     holdout_fraction: float = 0.0
+    holdout_z: dict | None = None  # {case: [(lo, hi), ...]} world-z slabs (mm) kept out of training
     modality: str | None = None
     mixed_precision: str = "no"
     checkpoint_every: int = 500
@@ -61,7 +62,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def holdout_slabs(cases: list[PreparedCase], organs: Sequence[str], fraction: float) -> dict[str, tuple[float, float]]:
+def holdout_slabs(cases: list[PreparedCase], organs: Sequence[str], fraction: float) -> dict[str, list[tuple[float, float]]]:
     """A contiguous slab per case, ``fraction`` of the organs' joint z-extent, centred on it."""
     out: dict[str, tuple[float, float]] = {}
     if fraction <= 0:
@@ -73,7 +74,7 @@ def holdout_slabs(cases: list[PreparedCase], organs: Sequence[str], fraction: fl
         zs = c.z_world[np.any(present, axis=0)]
         lo, hi = float(zs.min()), float(zs.max())
         mid, half = (lo + hi) / 2, (hi - lo) * fraction / 2
-        out[c.name] = (mid - half, mid + half)
+        out[c.name] = [(mid - half, mid + half)]
     return out
 
 
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     if not cases:
         raise InputError(f"{cfg.dataset}: no case has a label file in labelsTr/.")
     log.info("prepared %d case(s) in %.1fs", len(cases), time.time() - t0)
-    slabs = holdout_slabs(cases, cfg.organs, cfg.holdout_fraction)
+    slabs = cfg.holdout_z or holdout_slabs(cases, cfg.organs, cfg.holdout_fraction)
 
     if cfg.base_model:
         encoder = TextEncoder(Path(cfg.base_model) / "text_encoder", max_length=16,
@@ -241,7 +242,7 @@ def train(cfg: TrainConfig, progress: bool = True,
             "training": {"command": cfg.command, "dataset": str(cfg.dataset), "cases": [c.name for c in cases],
                          "seconds": round(seconds, 1), "processes": accelerator.num_processes,
                          "device": str(accelerator.device), "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
-                         "holdout_z_mm": {k: [round(v[0], 2), round(v[1], 2)] for k, v in slabs.items()}},
+                         "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()}},
         }
         model.save_pretrained(out, card=card)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

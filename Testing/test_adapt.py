@@ -1,0 +1,76 @@
+"""LoRA adaptation: adapter files, round trip, refusal on another base, modality detection."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import write_dicom_series
+from progidiff.adapt import ADAPTER_CARD, ADAPTER_WEIGHTS, apply_adapter, shot_slab
+from progidiff.engine import Engine, SegmentOptions
+from progidiff.errors import ModelError
+from progidiff.model import ProGiDiffModel
+from progidiff.volume import guess_modality, read_scan
+
+
+def test_adapter_is_small_and_records_its_base(tiny_adapter, tiny_model):
+    card = json.loads((tiny_adapter / ADAPTER_CARD).read_text())
+    base = json.loads((tiny_model / "model_card.json").read_text())
+    assert card["base_sha256"] == base["sha256"]["diffusion_pytorch_model.safetensors"]
+    assert card["modality"] == "MR" and 0 < card["trainable_fraction"] <= 0.05
+    assert (tiny_adapter / ADAPTER_WEIGHTS).stat().st_size < (tiny_model / "diffusion_pytorch_model.safetensors").stat().st_size
+    held = card["training"]["holdout_z_mm"]["mr_001"]
+    adapt = card["training"]["adapt_z_mm"]["mr_001"]
+    assert all(b <= adapt[0] or a >= adapt[1] for a, b in held)  # held-out slabs do not overlap the shots
+
+
+def test_round_trip_and_effect(tiny_adapter, tiny_model):
+    base = ProGiDiffModel.from_pretrained(tiny_model)
+    a1, a2 = apply_adapter(base, tiny_adapter), apply_adapter(base, tiny_adapter)
+    x, t, s, img = torch.randn(2, 1, 32, 32), torch.tensor([10, 600]), torch.randn(2, 8, 384), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a1(x, t, s, img), a2(x, t, s, img))
+        assert not torch.allclose(a1(x, t, s, img), base(x, t, s, img))
+    lora = [n for n, _ in a1.named_parameters() if "lora_" in n]
+    assert lora and all(n.startswith("controlnet.") for n in lora)
+
+
+def test_refuses_another_base(tiny_adapter, tmp_path):
+    from progidiff.model import small_unet_config
+
+    other = ProGiDiffModel(unet_config=small_unet_config(sample_size=32, channels=(8, 16, 16, 16)),
+                           encoder_channels=(8, 8, 8), grid_size=(32, 32))
+    other.save_pretrained(tmp_path / "other", card={"organs": ["liver"]})
+    with pytest.raises(ModelError, match="made for model"):
+        apply_adapter(ProGiDiffModel.from_pretrained(tmp_path / "other"), tiny_adapter)
+
+
+def test_engine_picks_the_adapter_for_mr(tiny_adapter, tiny_model, tmp_path, mr_path):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model, models / "tiny")
+    shutil.copytree(tiny_adapter, models / "tiny-mr-lora")
+    eng = Engine(models / "tiny", device="cpu")
+    res = eng.segment(read_scan(mr_path), "liver", SegmentOptions(proposals=1, steps=1))
+    assert res.modality == "MR" and res.adapter == "tiny-mr-lora"
+    res = Engine(models / "tiny", device="cpu", adapter=None).segment(read_scan(mr_path), "liver",
+                                                                      SegmentOptions(proposals=1, steps=1))
+    assert res.adapter is None
+
+
+def test_modality_detection_dicom_and_nifti(tmp_path, mr_path, ct_crop):
+    mr = sitk.ReadImage(str(mr_path))
+    scan = read_scan(write_dicom_series(mr, tmp_path / "mr_dicom", modality="MR"))
+    assert scan.dicom_modality == "MR" and guess_modality(scan) == ("MR", "DICOM Modality tag")
+    ct = read_scan(write_dicom_series(sitk.ReadImage(str(ct_crop)), tmp_path / "ct_dicom", modality="CT"))
+    assert guess_modality(ct) == ("CT", "DICOM Modality tag")
+    assert guess_modality(read_scan(mr_path))[0] == "MR"
+    assert guess_modality(read_scan(ct_crop))[0] == "CT"
+
+
+def test_shot_slab_splits_the_scan():
+    z = np.arange(20) * 3.0
+    adapt, held = shot_slab(z, 10)
+    assert adapt == (13.5, 43.5)
+    assert held == [(-1.5, 13.5), (43.5, 58.5)]
