@@ -55,6 +55,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout-like", metavar="DIR",
                    help="hold out the same slabs as this model/adapter card (e.g. to train a baseline on the same shots)")
     p.add_argument("--modality", choices=["CT", "MR"], help="the dataset's modality (default: from dataset.json)")
+    p.add_argument("--finetune-base", action="store_true",
+                   help="stage 2 also trains the base UNet (ProGiDiff freezes it; faster convergence on small budgets)")
+    p.add_argument("--base-lr-scale", type=float, default=d.base_lr_scale, help="base UNet lr = lr x this (with --finetune-base)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints")
@@ -75,7 +78,7 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       lr=a.lr, seed=a.seed, holdout_fraction=a.holdout_fraction,
                       mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,
                       resume=a.resume, workers=a.workers, command="progidiff " + shlex.join(argv),
-                      modality=a.modality, holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None)
+                      modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale, holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None)
     out = train(cfg)
     print(f"model saved to {out}")
     return 0
@@ -266,6 +269,31 @@ def _run_adapt(a: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+EPILOG_BENCH = """example:
+  progidiff bench --device cpu --quality ../shared/data/ct-abdomen --out docs/benchmarks.md --json bench.json
+"""
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure speed and memory on the shipped sample CT",
+                       description="Denoiser throughput and fraction of the device's matmul rate, end-to-end segment "
+                                   "time for N = 1, 4, 8, 16, the naive way, peak memory; writes a Markdown table and a plot.",
+                       epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--model")
+    p.add_argument("--quality", metavar="DATASET", help="also measure Dice against steps on this dataset's held-out slab")
+    p.add_argument("--json", help="write the raw numbers to this file")
+    p.add_argument("--out", default="docs/benchmarks.md", help="Markdown report (a PNG plot is written beside it)")
+
+
+def _run_bench(a: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .bench import run_bench
+
+    rep = run_bench(a.device, a.model, Path(a.out), Path(a.json) if a.json else None, a.quality)
+    print(Path(a.out).read_text())
+    return 0
+
+
 EPILOG_EVALUATE = """example:
   progidiff evaluate Resources/Models/progidiff-ct-abdomen ../shared/data/ct-abdomen --proposals 8 -o eval/
 """
@@ -308,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_refine(sub)
     _add_adapt(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -318,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    runners = {"train": _run_train, "segment": _run_segment, "evaluate": _run_evaluate, "refine": _run_refine, "adapt": _run_adapt}
+    runners = {"train": _run_train, "segment": _run_segment, "evaluate": _run_evaluate, "refine": _run_refine, "adapt": _run_adapt, "bench": _run_bench}
     try:
         return runners[a.command](a, argv)
     except ProGiDiffError as exc:

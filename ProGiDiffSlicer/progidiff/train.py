@@ -56,6 +56,14 @@ class TrainConfig:
     modality: str | None = None
     mixed_precision: str = "no"
     checkpoint_every: int = 500
+    #: t = T * u**high_noise_power: with 0.5, 75 % of samples have t > T/2. At low noise x0 is
+    #: nearly given by x_t, so uniform t spends half the batch on what teaches nothing about the image.
+    high_noise_power: float = 0.5
+    #: Stage 2 also fine-tunes the base UNet (at lr x base_lr_scale). ProGiDiff keeps the base
+    #: frozen; see the model card for which was used and why.
+    finetune_base: bool = False
+    base_lr_scale: float = 0.1
+    init_from: str | None = None  # a state_dict (.pt) to start stage 2 from
     resume: bool = False
     workers: int = 1
     command: str = ""
@@ -157,6 +165,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     ckpt_dir = out / "checkpoints"
     log_path = out / "train_log.csv"
     state = {"stage": 1 if not cfg.base_model else 2, "step": 0}
+    if cfg.init_from:
+        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu"))
+        state = {"stage": 2, "step": 0}
     if cfg.resume and (ckpt_dir / "state.json").is_file():
         state = json.loads((ckpt_dir / "state.json").read_text())
         model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu"))
@@ -170,11 +181,15 @@ def train(cfg: TrainConfig, progress: bool = True,
             continue
         start = state["step"] if stage == state["stage"] else 0
         train_params = list(model.unet.parameters()) if stage == 1 else model.branch_parameters()
+        groups = [{"params": train_params, "lr": cfg.lr}]
+        if stage == 2 and cfg.finetune_base:
+            groups.append({"params": list(model.unet.parameters()), "lr": cfg.lr * cfg.base_lr_scale})
+            train_params = train_params + groups[1]["params"]
         for p in model.parameters():
             p.requires_grad_(False)
         for p in train_params:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=1e-4)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4)
         lr_sched = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps)
         ds = SliceDataset(cases, cfg.organs, cfg.context, length=steps * cfg.batch_size * accelerator.num_processes,
                           seed=cfg.seed * 1000 + stage, exclude_z=slabs)
@@ -201,7 +216,8 @@ def train(cfg: TrainConfig, progress: bool = True,
                     x0 = accelerator.unwrap_model(pmodel).encode_mask(label)
                 text = _collate_text(batch, table, counts, gen).to(x0.device)
                 noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
+                u = torch.rand(x0.shape[0], generator=gen) ** cfg.high_noise_power
+                t = (u * (scheduler.config.num_train_timesteps - 1)).round().long().to(x0.device)
                 x_t = scheduler.add_noise(x0, noise, t)
                 with accelerator.autocast():
                     pred = pmodel(x_t, t, text, batch["image"] if stage == 2 else None, batch["coord"])
