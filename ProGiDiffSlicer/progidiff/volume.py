@@ -83,6 +83,7 @@ def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
             modality = reader.GetMetaData(0, "0008|0060").strip().upper() or None
         except RuntimeError:
             modality = None
+        _check_slice_gaps(reader, len(files), p)
     else:
         _check_complete(p)
         try:
@@ -92,6 +93,24 @@ def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
         if image.HasMetaDataKey("0008|0060"):
             modality = image.GetMetaData("0008|0060").strip().upper() or None
     return Scan(validate_image(image, str(p)), str(p), modality)
+
+
+def _check_slice_gaps(reader: sitk.ImageSeriesReader, n: int, p: Path) -> None:
+    """Refuse a series with missing (e.g. corrupt, skipped) slices: ITK would only warn and
+    stretch the volume, and masks would land in the wrong place."""
+    if n < 3:
+        return
+    try:
+        orient = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+    except (RuntimeError, ValueError):
+        return  # no position tags: nothing to check
+    normal = np.cross(orient[:3], orient[3:6])
+    d = np.diff(np.sort(pos @ normal))
+    if len(d) and d.min() > 0 and d.max() > 1.5 * np.median(d):
+        k = int(np.argmax(d))
+        raise InputError(f"{p}: slices are missing from the DICOM series (a gap of {d[k]:.1f} mm where slices are "
+                         f"{np.median(d):.1f} mm apart, after slice {k + 1}); a file may be corrupt or absent.")
 
 
 def _check_complete(p: Path) -> None:

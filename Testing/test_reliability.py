@@ -1,0 +1,139 @@
+"""Bad input and faults: one clear error each, nothing half-written (docs/reliability.md)."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import write_dicom_series
+from progidiff import volume as volume_mod
+from progidiff.cli import build_parser, main
+from progidiff.engine import MAX_PROPOSALS, SegmentOptions
+from progidiff.errors import InputError, OutputError, ProGiDiffError
+from progidiff.outputs import check_output_dir
+from progidiff.sampling import sample_proposals
+from progidiff.volume import read_scan, validate_image
+
+
+def test_folder_without_dicom(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="no DICOM"):
+        read_scan(tmp_path)
+
+
+def test_folder_with_several_series_lists_them(tmp_path, ct_crop, mr_path):
+    write_dicom_series(sitk.ReadImage(str(ct_crop)), tmp_path / "mixed", "CT")
+    import time
+
+    time.sleep(0.01)  # a different series UID
+    write_dicom_series(sitk.ReadImage(str(mr_path)), tmp_path / "mixed2", "MR")
+    for f in (tmp_path / "mixed2").iterdir():
+        f.rename(tmp_path / "mixed" / ("b_" + f.name))
+    with pytest.raises(InputError, match="--series") as e:
+        read_scan(tmp_path / "mixed")
+    uid = str(e.value).split("(")[1].split(",")[0].strip()
+    assert read_scan(tmp_path / "mixed", series=uid).image.GetDimension() == 3
+
+
+def test_corrupt_dicom_file(tmp_path, ct_crop):
+    folder = write_dicom_series(sitk.ReadImage(str(ct_crop))[:, :, :20], tmp_path / "dcm", "CT")
+    victim = sorted(folder.iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[:400])
+    with pytest.raises(InputError):
+        read_scan(folder)
+
+
+def test_volume_too_large_is_refused_with_the_limit(monkeypatch):
+    monkeypatch.setattr(volume_mod, "MAX_VOXELS", 1000)
+    img = sitk.Image(20, 20, 20, sitk.sitkFloat32)
+    with pytest.raises(InputError, match="more than the 1,000"):
+        validate_image(img, "big")
+
+
+def test_very_anisotropic_and_oblique_volume_is_accepted():
+    arr = np.random.default_rng(0).normal(0, 200, (12, 64, 64)).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.5, 0.5, 10.0))
+    img.SetDirection(sitk.VersorTransform((1.0, 0.0, 0.0), 0.4).GetMatrix())
+    assert validate_image(img, "aniso").GetSize() == (64, 64, 12)
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    f = tmp_path / "out"
+    f.write_text("x")
+    with pytest.raises(OutputError, match="not a folder"):
+        check_output_dir(f, overwrite=False)
+
+
+class OomModel(torch.nn.Module):
+    """Wraps a model and fails like a GPU out of memory above 4 items per call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.latent_channels = inner.latent_channels
+        self.latent_factor = inner.latent_factor
+        self.calls = []
+
+    def latent_size(self):
+        return self.inner.latent_size()
+
+    def encode_mask(self, m):
+        return self.inner.encode_mask(m)
+
+    def decode_mask(self, x):
+        return self.inner.decode_mask(x)
+
+    def forward(self, x, *a):
+        self.calls.append(len(x))
+        if len(x) > 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(x, *a)
+
+
+def test_out_of_memory_halves_the_batch(tiny_engine):
+    stack = np.random.default_rng(0).random((6, 3, 32, 32)).astype(np.float32)
+    states = tiny_engine.text_states(tiny_engine.vocabulary["liver"])
+    wrapped = OomModel(tiny_engine.model)
+    a = sample_proposals(wrapped, stack, states, seeds=[0, 1], steps=2, batch_size=12)
+    assert wrapped.calls[:3] == [12, 6, 3] and max(wrapped.calls[3:]) <= 3  # halved until it fits, then kept
+    b = sample_proposals(tiny_engine.model, stack, states, seeds=[0, 1], steps=2, batch_size=4)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_out_of_memory_at_batch_one_gives_advice(tiny_engine):
+    class AlwaysOom(OomModel):
+        def forward(self, x, *a):
+            raise RuntimeError("CUDA out of memory")
+
+    states = tiny_engine.text_states(tiny_engine.vocabulary["liver"])
+    with pytest.raises(ProGiDiffError, match="--device cpu"):
+        sample_proposals(AlwaysOom(tiny_engine.model), np.zeros((2, 3, 32, 32), np.float32), states, [0], steps=1,
+                         batch_size=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(-5, 200), steps=st.integers(-5, 2000), sched=st.sampled_from(["dpm++", "ddim", "euler", ""]),
+       modality=st.sampled_from(["auto", "CT", "MR", "PET", ""]))
+def test_option_validation_property(n, steps, sched, modality):
+    opts = SegmentOptions(proposals=n, steps=steps, scheduler=sched, modality=modality)
+    ok = 1 <= n <= MAX_PROPOSALS and 1 <= steps <= 1000 and sched in ("dpm++", "ddim") and modality in ("auto", "CT", "MR")
+    if ok:
+        opts.validate()
+    else:
+        with pytest.raises(InputError):
+            opts.validate()
+
+
+@settings(max_examples=40, deadline=None)
+@given(args=st.lists(st.sampled_from(["--proposals", "--steps", "--seed", "x", "-3", "0", "abc", "--overwrite",
+                                      "--device", "tpu", "--prompt"]), max_size=6))
+def test_cli_never_tracebacks_on_odd_arguments(args):
+    """Argument errors exit with argparse's code 2 or a ProGiDiffError code, never an exception."""
+    try:
+        rc = main(["segment", "missing.nii.gz", "-o", "/nonexistent-dir/out", *args])
+    except SystemExit as e:
+        rc = e.code
+    assert rc in (2, 3, 4, 5)
