@@ -90,13 +90,14 @@ class ProGiDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         completer.setFilterMode(qt.Qt.MatchContains)
         self.ui.organComboBox.setCompleter(completer)
 
-        self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+        self.ui.segmentButton.connect("clicked(bool)", lambda checked=False: self.onSegment())
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.unloadModelButton.connect("clicked(bool)", self.onUnload)
         self.ui.previousButton.connect("clicked(bool)", self.onPrevious)
         self.ui.nextButton.connect("clicked(bool)", self.onNext)
         self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
         self.ui.discardButton.connect("clicked(bool)", self.onDiscard)
+        self.ui.resampleButton.connect("clicked(bool)", self.onResample)
         self.ui.opacitySlider.connect("valueChanged(int)", self.onOpacity)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3D)
         self.ui.uncertaintyCheckBox.connect("toggled(bool)", self.onUncertainty)
@@ -183,12 +184,21 @@ class ProGiDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.samplingCollapsibleButton.enabled = view.inputs_enabled
         self.ui.progressBar.visible = view.progress_visible
         for name in ("previousButton", "nextButton", "acceptButton", "discardButton", "opacitySlider",
-                     "show3DCheckBox", "uncertaintyCheckBox", "acceptWhichComboBox"):
+                     "show3DCheckBox", "uncertaintyCheckBox", "acceptWhichComboBox", "resampleButton"):
             getattr(self.ui, name).enabled = view.proposals_enabled and self.session is not None
         self.ui.statusLabel.text = view.status
 
     # ---- run --------------------------------------------------------------------------------
-    def onSegment(self) -> None:
+    def onResample(self) -> None:
+        """Re-sample around my edits: keep the voxels changed in the Segment Editor since Accept."""
+        edits = self.session.edits() if self.session else None
+        if edits is None:
+            self.ui.statusLabel.text = "No edits found: Accept a proposal, edit it in the Segment Editor, then re-sample."
+            return
+        edited, changed = edits
+        self.onSegment(edited=edited, keep=changed)
+
+    def onSegment(self, edited=None, keep=None) -> None:
         from ProGiDiffSlicerLib import mrml_io
 
         p = self._parameterNode
@@ -197,7 +207,8 @@ class ProGiDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.apply(self.machine.to(State.IDLE, "Dependencies are not installed; nothing was run."))
                 return
             request = mrml_io.volume_request(p.inputVolume, self.ui.organComboBox.currentText, proposals=p.proposals,
-                                             steps=p.steps, seed=p.seed, modality=p.modality, force_cpu=p.forceCPU)
+                                             steps=p.steps, seed=p.seed, modality=p.modality, force_cpu=p.forceCPU,
+                                             edited=edited, keep=keep)
         except Exception as exc:  # noqa: BLE001 - engine errors are one-line, user-facing
             self.apply(self.machine.to(State.FAILED, str(exc)))
             return
@@ -231,7 +242,9 @@ class ProGiDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.session = self.logic.showProposals(job.result, self._parameterNode.inputVolume)
             self.showSession()
             self.apply(self.machine.to(State.DONE, f"{job.result.organ.display}: {self.session.count} proposals "
-                                                   f"in {job.result.seconds:.1f} s on {job.result.device}."))
+                                                   f"in {job.result.seconds:.1f} s on {job.result.device}"
+                                                   f"{' with adapter ' + job.result.adapter if job.result.adapter else ''}; "
+                                                   f"{self.session.ranges()}."))
         elif job.stage == "cancelled":
             self.apply(self.machine.to(State.IDLE, "Cancelled; the scene is unchanged."))
         else:

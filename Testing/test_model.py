@@ -116,3 +116,17 @@ def test_from_stable_diffusion_builds_on_the_local_folder(tmp_path):
     assert states.shape[-1] == 32
     probs = sample_proposals(r, np.random.rand(3, 3, 32, 32).astype(np.float32), states, seeds=[0, 1], steps=2)
     assert probs.shape == (2, 3, 32, 32) and 0 <= probs.min() and probs.max() <= 1
+
+
+def test_shipped_models_are_small_documented_and_load(shipped_model):
+    """Resources/Models: <= 30 MB in all, safetensors, model card with command, time, data and numbers."""
+    root = shipped_model.parent
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total <= 30 * 1024 ** 2, total
+    card = json.loads((shipped_model / CARD_NAME).read_text())
+    assert card["training"]["command"].startswith("progidiff train")
+    assert card["training"]["seconds"] > 0 and card["training"]["cases"]
+    assert {"liver", "spleen", "kidney_left", "kidney_right", "gallbladder", "stomach", "pancreas", "aorta",
+            "inferior_vena_cava"} <= set(card["organs"])
+    assert card["metrics"], "measured numbers belong in the model card"
+    ProGiDiffModel.from_pretrained(shipped_model)  # sha256 verified on load

@@ -34,3 +34,20 @@ def test_refine_cli(tiny_model, ct_crop, tmp_path):
                  str(tmp_path / "keep.nii.gz"), "-n", "2", "--steps", "2", "--model", str(tiny_model), "-o", str(out)]) == 0
     p1 = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "proposal_01.nii.gz")))
     np.testing.assert_array_equal(p1, arr)  # keep = everywhere: exactly the edited mask
+
+
+def test_evaluate_with_simulated_edits(tiny_model, tiny_dataset, tmp_path):
+    """The evaluate report has every column, and the simulated edit never changes kept voxels."""
+    import json
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_model), str(tiny_dataset), "-n", "3", "--steps", "2", "--simulate-edits",
+                 "-o", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").is_file() and (out / "report.png").is_file()
+    for organ, o in rep["organs"].items():
+        for m in ("ranked_first", "consensus", "best_of_n", "randtop3"):
+            assert 0.0 <= o[m]["dice"] <= 1.0
+        assert "ged" in o and o["edit"]["kept_voxels_unchanged"]
+    # the tiny model saw the whole crop: the report must say so rather than pass it off as held out
+    assert "TRAINED ON" in rep["evaluated_on"]["case_001"]

@@ -34,6 +34,9 @@ class FakeScene:
     def open_in_segment_editor(self, target, reference, segment_id):
         self.editor = (target, segment_id)
 
+    def read_segment(self, target, segment_id, reference):
+        return self.segments[target][segment_id.removeprefix("seg-")]
+
 
 @pytest.fixture(scope="module")
 def result(tiny_engine, ct_crop):
@@ -50,7 +53,8 @@ def test_cycle_label_accept_and_discard(result):
     assert len(scene.nodes[node]["names"]) == 3 and scene.nodes[node]["names"][0] == "Liver — proposal 1"
     assert "SCT^10200004^Liver" in scene.nodes[node]["terminology"]
     assert scene.visible == (node, 0)
-    assert s.label().startswith("1 of 3 · agreement ") and s.label().endswith(" mL")
+    assert s.label().startswith("1 of 3 · agreement ") and s.label().endswith(" mm") and " mL · " in s.label()
+    assert s.ranges().startswith("volume ") and "(min / median / max of 3)" in s.ranges()
     s.next()
     s.next()
     assert scene.visible == (node, 2) and s.label().startswith("3 of 3")
@@ -71,3 +75,30 @@ def test_cycle_label_accept_and_discard(result):
     np.testing.assert_array_equal(scene.segments["target"]["Liver"], result.consensus)
     s.discard()
     assert scene.nodes == {}
+
+
+def test_edits_after_accept_feed_a_refine_run(result, tiny_model, ct_crop):
+    import SimpleITK as sitk
+
+    from ProGiDiffSlicerLib.geometry import ijk_to_ras_of
+    from ProGiDiffSlicerLib.worker import SegmentationWorker, SegmentRequest
+
+    scene = FakeScene()
+    s = ProposalSession(scene, result, reference="volume")
+    assert s.edits() is None
+    s.accept("target")
+    assert s.edits() is None  # accepted, not yet edited
+    scene.segments["target"]["Liver"][20:24, 40:60, 40:60] = True  # the expert paints
+    edited, changed = s.edits()
+    assert changed.sum() > 0 and edited[changed].all()
+    img = sitk.ReadImage(str(ct_crop))
+    w = SegmentationWorker()
+    try:
+        job = w.submit(SegmentRequest(array=sitk.GetArrayFromImage(img), ijk_to_ras=ijk_to_ras_of(img), prompt="liver",
+                                      model_dir=str(tiny_model), force_cpu=True, proposals=2, steps=2,
+                                      edited=edited, keep=changed))
+        assert job.wait(120) and job.stage == "done", job.error
+        for m in job.result.masks:
+            np.testing.assert_array_equal(m[changed], edited[changed])
+    finally:
+        w.shutdown()

@@ -72,6 +72,10 @@ class SlicerSceneIO:
         editor.mrmlSegmentEditorNode().SetSelectedSegmentID(segment_id)
 
 
+    def read_segment(self, target, segment_id: str, reference) -> np.ndarray:
+        return slicer.util.arrayFromSegmentBinaryLabelmap(target, segment_id, reference) > 0
+
+
 def _set_terminology(segment, terminology: str) -> None:
     if hasattr(segment, "SetTerminology"):
         segment.SetTerminology(terminology)

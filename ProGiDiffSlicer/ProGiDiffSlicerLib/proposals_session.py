@@ -18,12 +18,14 @@ class SceneIO(Protocol):
     def write_segment(self, target: Any, name: str, mask: np.ndarray, reference: Any,
                       color: tuple[float, float, float], terminology: str) -> str: ...
     def open_in_segment_editor(self, target: Any, reference: Any, segment_id: str) -> None: ...
+    def read_segment(self, target: Any, segment_id: str, reference: Any) -> np.ndarray: ...
 
 
 @dataclass
 class ProposalInfo:
     volume_ml: float
     score: float
+    diameter_mm: float = 0.0
 
 
 class ProposalSession:
@@ -37,9 +39,11 @@ class ProposalSession:
         self.organ_name = organ.display
         self.color = tuple(c / 255.0 for c in organ.color)
         self.terminology = organ.slicer_terminology()
-        self.infos = [ProposalInfo(v, s) for v, s in zip(result.volumes_ml, result.scores)]
+        diameters = list(getattr(result, "diameters_mm", None) or [0.0] * len(result.scores))
+        self.infos = [ProposalInfo(v, s, d) for v, s, d in zip(result.volumes_ml, result.scores, diameters)]
         self.count = len(self.infos)
         self.index = 0
+        self.accepted: tuple[Any, str, np.ndarray] | None = None
         names = [f"{self.organ_name} — proposal {i + 1}" for i in range(self.count)]
         self.node = io.create_proposals(f"{self.organ_name} proposals", result.masks, reference, names,
                                         self.color, self.terminology)
@@ -51,8 +55,18 @@ class ProposalSession:
 
     def label(self) -> str:
         """'3 of 8 · agreement 0.91 · 142 mL'"""
+        info = self.infos[self.index]
         return (f"{self.index + 1} of {self.count} · agreement {self.result.ranking.agreement:.2f} · "
-                f"{self.infos[self.index].volume_ml:.0f} mL")
+                f"{info.volume_ml:.0f} mL · {info.diameter_mm:.0f} mm")
+
+    def ranges(self) -> str:
+        """Measurements with their spread across proposals (min / median / max)."""
+        import numpy as np
+
+        v = [i.volume_ml for i in self.infos]
+        d = [i.diameter_mm for i in self.infos]
+        return (f"volume {min(v):.0f} / {np.median(v):.0f} / {max(v):.0f} mL, largest diameter "
+                f"{min(d):.0f} / {np.median(d):.0f} / {max(d):.0f} mm (min / median / max of {self.count})")
 
     def show(self, index: int) -> None:
         self.index = index % self.count
@@ -73,8 +87,19 @@ class ProposalSession:
         if name in self.io.segment_names(target) and not confirm_overwrite(name):
             return None
         seg_id = self.io.write_segment(target, name, mask, self.reference, self.color, self.terminology)
+        self.accepted = (target, seg_id, mask.copy())
         self.io.open_in_segment_editor(target, self.reference, seg_id)
         return seg_id
+
+    def edits(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(edited mask, voxels the user changed) since Accept, or None when nothing changed:
+        the input of "Re-sample around my edits"."""
+        if self.accepted is None:
+            return None
+        target, seg_id, accepted = self.accepted
+        edited = self.io.read_segment(target, seg_id, self.reference).astype(bool)
+        changed = edited != accepted
+        return (edited, changed) if changed.any() else None
 
     def discard(self) -> None:
         if self.node is not None:

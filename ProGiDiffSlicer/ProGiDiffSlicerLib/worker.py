@@ -49,6 +49,9 @@ class SegmentRequest:
     model_dir: str | None = None
     force_cpu: bool = False
     name: str = "volume"
+    edited: np.ndarray | None = None   # re-sample around edits: the edited mask (KJI) ...
+    keep: np.ndarray | None = None     # ... and the voxels to keep exactly
+    strength: float = 0.6
 
 
 @dataclass
@@ -177,7 +180,11 @@ class SegmentationWorker:
             def progress(stage: str, done: int, total: int) -> None:
                 job.progress = (done, total)
 
-            job.result = engine.segment(scan, req.prompt, opts, progress=progress, cancel=job.cancel_event)
+            if req.edited is not None:
+                job.result = engine.refine(scan, req.prompt, req.edited, req.keep, opts, strength=req.strength,
+                                           progress=progress, cancel=job.cancel_event)
+            else:
+                job.result = engine.segment(scan, req.prompt, opts, progress=progress, cancel=job.cancel_event)
             job.stage = "done"
         except Cancelled as exc:
             job.stage, job.error = "cancelled", str(exc)

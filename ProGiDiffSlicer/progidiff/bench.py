@@ -63,11 +63,11 @@ def denoiser_throughput(engine: Engine, batch: int, seconds: float = 8.0) -> tup
     x = torch.randn(batch, m.latent_channels, h, w, device=dev)
     img = torch.rand(batch, c, h * m.latent_factor, w * m.latent_factor, device=dev)
     t = torch.full((batch,), 500, device=dev)
-    s = states.to(dev).expand(batch, -1, -1)
+    s = (states[0].to(dev).expand(batch, -1, -1), states[1].to(dev).expand(batch, -1))
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     with torch.inference_mode(), torch.autocast(**amp):
         with FlopCounterMode(display=False) as fc:
-            m(x[:1], t[:1], s[:1], img[:1])
+            m(x[:1], t[:1], (s[0][:1], s[1][:1]), img[:1])
         flops = float(fc.get_total_flops())
         for _ in range(2):
             m(x, t, s, img)

@@ -313,6 +313,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", default="auto", help="LoRA adapter folder, 'auto' or 'none'")
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
     p.add_argument("--region-from", help="a model or adapter folder whose card names the held-out slabs to score on")
+    p.add_argument("--simulate-edits", action="store_true",
+                   help="also simulate an expert fixing the worst slice of the ranked-first proposal, then refine")
+    p.add_argument("--into-card", action="store_true",
+                   help="record the per-organ results in the model card (or the adapter card with --adapter DIR)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-o", "--output", required=True, help="report folder (report.md, report.json, report.png)")
 
@@ -322,7 +326,13 @@ def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
 
     rep = evaluate(a.model, a.dataset, Path(a.output), proposals=a.proposals, steps=a.steps, seed=a.seed,
                    device=a.device, overwrite=a.overwrite, command="progidiff " + shlex.join(argv),
-                   adapter=_adapter_arg(a.adapter), modality=a.modality, region_from=a.region_from)
+                   adapter=_adapter_arg(a.adapter), modality=a.modality, region_from=a.region_from,
+                   simulate_edits=a.simulate_edits)
+    if a.into_card:
+        from .evaluate import record_in_card
+
+        card = record_in_card(rep, Path(a.model), _adapter_arg(a.adapter))
+        print(f"results recorded in {card}")
     print((Path(a.output) / "report.md").read_text())
     return 0
 

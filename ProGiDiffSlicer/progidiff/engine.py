@@ -145,7 +145,7 @@ class Engine:
         self.vocabulary = Vocabulary.from_dict(self.card["vocabulary"]) if "vocabulary" in self.card else Vocabulary.load()
         self.encoder = load_text_encoder(self.model, self.model_dir)
         self.resolver = PromptResolver(self.vocabulary, self.encoder)
-        self._states: dict[str, torch.Tensor] = {}
+        self._states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lock = threading.Lock()
         self.load_seconds = time.time() - t0
         log.info("model %s loaded on %s in %.1fs", self.model_dir.name, self.device, self.load_seconds)
@@ -179,9 +179,10 @@ class Engine:
         log.info("using adapter %s for %s", found.name, modality)
         return self._adapted[modality]
 
-    def text_states(self, organ: Organ) -> torch.Tensor:
+    def text_states(self, organ: Organ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioning for an organ: token states (1, L, D) and pooled embedding (1, D)."""
         if organ.name not in self._states:
-            self._states[organ.name] = self.encoder.token_states([organ.display])
+            self._states[organ.name] = self.encoder.conditioning([organ.display])
         return self._states[organ.name]
 
     def resolve(self, prompt: str):

@@ -79,7 +79,8 @@ def holdout_of(folder: Path) -> dict:
 
 def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, steps: int = 8, seed: int = 0,
              device: str = "auto", overwrite: bool = False, region: str = "auto", command: str = "",
-             adapter: str | None = "auto", modality: str = "auto", region_from: str | None = None) -> dict:
+             adapter: str | None = "auto", modality: str = "auto", region_from: str | None = None,
+             simulate_edits: bool = False) -> dict:
     engine = Engine(model_dir, device=device, adapter=adapter)
     info = read_dataset(dataset)
     card = engine.card
@@ -149,6 +150,9 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                     "reference_ml": float(ref.sum()) * scan.voxel_volume_ml,
                     "seconds": res.seconds,
                 }
+                if simulate_edits:
+                    metrics["edit"] = simulate_edit(engine, scan, organ.display, res, ref, keep, sp, proposals, steps, seed,
+                                                    modality)
                 rows.append(OrganScore(entry.name, organ_name, metrics))
                 bar.update(1)
         bar.close()
@@ -159,6 +163,32 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         (tmp / "report.md").write_text(_markdown(report))
         _figure(report, tmp / "report.png")
     return report
+
+
+def simulate_edit(engine: Engine, scan, prompt: str, res, ref: np.ndarray, keep: np.ndarray, sp, proposals: int,
+                  steps: int, seed: int, modality: str) -> dict:
+    """A simulated expert corrects the ranked-first proposal on its single worst axial slice
+    (world-z, within the evaluated region) with the reference; refine re-samples the rest."""
+    first = res.masks[0]
+    d = np.array(scan.image.GetDirection()).reshape(3, 3)
+    axis_ijk = int(np.argmax(np.abs(d[2, :])))          # image axis closest to world z
+    axis = 2 - axis_ijk                                   # numpy axis (k, j, i order)
+    other = tuple(a for a in range(3) if a != axis)
+    err = ((first ^ ref) & keep).sum(axis=other)
+    worst = int(np.argmax(err))
+    sl = [slice(None)] * 3
+    sl[axis] = worst
+    edited = first.copy()
+    edited[tuple(sl)] = ref[tuple(sl)]
+    kept = np.zeros_like(first)
+    kept[tuple(sl)] = True
+    before = dice_hd95(first & keep, ref, sp)[0]
+    out = engine.refine(scan, prompt, edited, kept, SegmentOptions(proposals=proposals, steps=steps, seed=seed + 1,
+                                                                   modality=modality), strength=0.6)
+    after = dice_hd95(out.masks[0] & keep, ref, sp)[0]
+    unchanged = bool(all((m[kept] == edited[kept]).all() for m in out.masks))
+    return {"dice_before": before, "dice_after": after, "edited_slice": worst, "edited_voxels_wrong": int(err[worst]),
+            "kept_voxels_unchanged": unchanged}
 
 
 def _nanmean(xs):
@@ -175,6 +205,10 @@ def _summarise(rows, regions, engine, dataset, n, steps, seconds, command) -> di
         organs[name]["ged"] = _nanmean([r["ged"] for r in rs])
         organs[name]["agreement"] = _nanmean([r["agreement"] for r in rs])
         organs[name]["cases"] = len(rs)
+        if all("edit" in r for r in rs):
+            organs[name]["edit"] = {"dice_before": _nanmean([r["edit"]["dice_before"] for r in rs]),
+                                    "dice_after": _nanmean([r["edit"]["dice_after"] for r in rs]),
+                                    "kept_voxels_unchanged": all(r["edit"]["kept_voxels_unchanged"] for r in rs)}
     mean = {m: _nanmean([o[m]["dice"] for o in organs.values()]) for m in METHODS}
     return {"model": str(engine.model_dir), "dataset": str(dataset), "proposals": n, "steps": steps,
             "device": str(engine.device), "seconds": round(seconds, 1), "command": command,
@@ -196,6 +230,13 @@ def _markdown(rep: dict) -> str:
     m = rep["mean_dice"]
     lines.append(f"| **mean** | **{m['ranked_first']:.3f}** | | **{m['consensus']:.3f}** | | **{m['best_of_n']:.3f}** | "
                  f"**{m['randtop3']:.3f}** | | |")
+    if any("edit" in o for o in rep["organs"].values()):
+        lines += ["", "Simulated expert edit (the ranked-first proposal corrected on its worst slice, then `refine`):", "",
+                  "| organ | Dice before | Dice after refine | kept voxels unchanged |", "|---|---|---|---|"]
+        for name, o in rep["organs"].items():
+            if "edit" in o:
+                e = o["edit"]
+                lines.append(f"| {name} | {e['dice_before']:.3f} | {e['dice_after']:.3f} | {'yes' if e['kept_voxels_unchanged'] else 'NO'} |")
     lines += ["", f"Command: `{rep['command']}`" if rep["command"] else "", ""]
     return "\n".join(lines)
 
@@ -221,3 +262,20 @@ def _figure(rep: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
+    """Store the measured numbers in the model card (or adapter card); weights are untouched,
+    so their sha256 stays valid."""
+    card_path = Path(adapter) / "adapter_card.json" if adapter not in (None, "auto") else model_dir / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card.setdefault("metrics", {})[Path(rep["dataset"]).name] = {
+        "evaluated_on": rep["evaluated_on"], "proposals": rep["proposals"], "steps": rep["steps"],
+        "device": rep["device"], "command": rep["command"], "mean_dice": rep["mean_dice"],
+        "organs": {k: {"ranked_first_dice": round(v["ranked_first"]["dice"], 4), "ranked_first_hd95_mm": round(v["ranked_first"]["hd95"], 2),
+                       "consensus_dice": round(v["consensus"]["dice"], 4), "best_of_n_dice": round(v["best_of_n"]["dice"], 4),
+                       "randtop3_dice": round(v["randtop3"]["dice"], 4), "ged": round(v["ged"], 4)}
+                   for k, v in rep["organs"].items()},
+    }
+    card_path.write_text(json.dumps(card, indent=2))
+    return card_path

@@ -90,8 +90,13 @@ class ImageEncoder(nn.Module):
 
 
 def small_unet_config(sample_size: int = 96, cross_attention_dim: int = 384,
-                      channels: tuple[int, ...] = (32, 64, 128), anatomical: bool = False) -> dict:
-    """The default base UNet: pixel-space mask denoiser, small enough for CPU sampling."""
+                      channels: tuple[int, ...] = (32, 64, 128), pooled_text: bool = True) -> dict:
+    """The default base UNet: pixel-space mask denoiser, small enough for CPU sampling.
+
+    pooled_text: besides cross-attention on the token states, the prompt's pooled sentence
+    embedding enters every ResNet block through diffusers' "projection" class embedding.
+    Measured: with cross-attention alone, after 500 stage-2 steps "spleen" still gave the
+    liver (Dice with liver 0.44, with spleen 0.00); organ identity needs a direct path."""
     cfg: dict[str, Any] = dict(
         sample_size=sample_size, in_channels=1, out_channels=1, layers_per_block=1,
         block_out_channels=list(channels),
@@ -99,10 +104,9 @@ def small_unet_config(sample_size: int = 96, cross_attention_dim: int = 384,
         up_block_types=["CrossAttnUpBlock2D"] * (len(channels) - 1) + ["UpBlock2D"],
         cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
     )
-    if anatomical:
-        # The body-part coordinate (0..1 along the body axis, Kurmukov et al.) enters as a
-        # class label through diffusers' timestep-style class embedding.
-        cfg["class_embed_type"] = "timestep"
+    if pooled_text:
+        cfg["class_embed_type"] = "projection"
+        cfg["projection_class_embeddings_input_dim"] = cross_attention_dim
     return cfg
 
 
@@ -116,8 +120,7 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
                  num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
                  text_encoder: str = DEFAULT_TEXT_ENCODER, text_max_length: int = 8,
                  grid_spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
-                 grid_size: tuple[int, int] = (96, 96), context: int = 1,
-                 anatomical: bool = False) -> None:
+                 grid_size: tuple[int, int] = (96, 96), context: int = 1) -> None:
         super().__init__()
         unet_config = dict(unet_config or small_unet_config())
         self.unet = UNet2DConditionModel.from_config(unet_config)
@@ -152,10 +155,18 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
         return ((x.float().clamp(-1, 1) + 1) / 2)
 
     # ---- denoising ---------------------------------------------------------------------
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text_states: torch.Tensor,
-                image: torch.Tensor | None, coord: torch.Tensor | None = None) -> torch.Tensor:
-        """Model output (x0 for prediction_type 'sample'); ``image=None`` runs the base alone."""
-        class_labels = coord * 1000.0 if (coord is not None and self.config.anatomical) else None
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text_states, image: torch.Tensor | None,
+                coord: torch.Tensor | None = None) -> torch.Tensor:
+        """Model output (x0 for prediction_type 'sample'); ``image=None`` runs the base alone.
+
+        text_states: token states (B, L, D), or a tuple (token states, pooled embedding (B, D))."""
+        pooled = None
+        if isinstance(text_states, (tuple, list)):
+            text_states, pooled = text_states
+        class_labels = None
+        if self.unet.config.class_embed_type == "projection":
+            class_labels = pooled if pooled is not None else text_states.new_zeros(
+                text_states.shape[0], self.unet.config.projection_class_embeddings_input_dim)
         if image is None:
             return self.unet(x_t, t, encoder_hidden_states=text_states, class_labels=class_labels).sample
         down, mid = self.controlnet(x_t, t, encoder_hidden_states=text_states, controlnet_cond=image,

@@ -145,6 +145,10 @@ class TextEncoder:
         with self._lock:
             return self.model(**batch).last_hidden_state.float()
 
+    def conditioning(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token states (B, L, D), pooled sentence embedding (B, D)): what the model is conditioned on."""
+        return self.token_states(texts), torch.as_tensor(self.sentence_embedding(texts))
+
     @torch.inference_mode()
     def sentence_embedding(self, texts: Sequence[str]) -> np.ndarray:
         """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe)."""

@@ -57,7 +57,8 @@ def sample_proposals(model, images: np.ndarray | torch.Tensor, text_states: torc
                      keep_mask: np.ndarray | None = None) -> np.ndarray:
     """Foreground probabilities (N, S, H, W) for N = len(seeds) proposals of S slices.
 
-    images: (S, C, H, W) in [0, 1]. text_states: (1, L, D).
+    images: (S, C, H, W) in [0, 1]. text_states: (1, L, D) token states, or a tuple
+    (token states, pooled embedding (1, D)) as ``Engine.text_states`` returns.
     init_mask (S, H, W) + strength < 1: start from the noised mask (re-sample around it).
     keep_mask (S, H, W) bool: those pixels are replaced by init_mask at every step
     (known-region replacement, RePaint-style), so they come out exactly as given.
@@ -103,7 +104,14 @@ def sample_proposals(model, images: np.ndarray | torch.Tensor, text_states: torc
 
     model = model.to(device).eval()
     bs = batch_size or auto_batch_size(device, h * w * model.latent_factor ** 2)
-    text = text_states.to(device)
+    if isinstance(text_states, (tuple, list)):
+        tok, pooled = (v.to(device) for v in text_states)
+    else:
+        tok, pooled = text_states.to(device), None
+
+    def text_for(n: int):
+        return (tok.expand(n, -1, -1), pooled.expand(n, -1)) if pooled is not None else tok.expand(n, -1, -1)
+
     use_amp = device.type == "cuda"
     run_steps = timesteps[start:]
     total = len(run_steps) * N * S
@@ -118,7 +126,7 @@ def sample_proposals(model, images: np.ndarray | torch.Tensor, text_states: torc
             idx = torch.arange(i, j) % S
             try:
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    o = model(x[i:j].to(device), t.repeat(j - i).to(device), text.expand(j - i, -1, -1),
+                    o = model(x[i:j].to(device), t.repeat(j - i).to(device), text_for(j - i),
                               imgs[idx].to(device), coord_t[idx].to(device) if coord_t is not None else None)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
                 if not _is_oom(exc):

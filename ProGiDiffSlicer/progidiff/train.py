@@ -86,14 +86,16 @@ def holdout_slabs(cases: list[PreparedCase], organs: Sequence[str], fraction: fl
     return out
 
 
-def phrase_table(encoder: TextEncoder, vocab: Vocabulary, organs: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token states of every organ's display name (index 0) and synonyms: (O, P, L, D) + counts."""
+def phrase_table(encoder: TextEncoder, vocab: Vocabulary, organs: Sequence[str]) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Conditioning of every organ's display name (index 0) and synonyms: token states
+    (O, P, L, D) and pooled embeddings (O, P, D), plus the phrase counts."""
     per = [[vocab[o].display] + [p for p in vocab[o].phrases if p != vocab[o].display] for o in organs]
     pmax = max(len(p) for p in per)
     table = torch.zeros(len(organs), pmax, encoder.max_length, encoder.hidden_size)
+    pooled = torch.zeros(len(organs), pmax, encoder.hidden_size)
     for i, phrases in enumerate(per):
-        table[i, : len(phrases)] = encoder.token_states(phrases)
-    return table, torch.tensor([len(p) for p in per])
+        table[i, : len(phrases)], pooled[i, : len(phrases)] = encoder.conditioning(phrases)
+    return (table, pooled), torch.tensor([len(p) for p in per])
 
 
 def build_model(cfg: TrainConfig, text_hidden: int) -> ProGiDiffModel:
@@ -115,14 +117,15 @@ def build_model(cfg: TrainConfig, text_hidden: int) -> ProGiDiffModel:
                           context=cfg.context)
 
 
-def _collate_text(batch: dict, table: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _collate_text(batch: dict, table: tuple[torch.Tensor, torch.Tensor], counts: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     organ = batch["organ"]
     # Half the time the display name, else a random synonym: the encoder's states for
     # "hepatic" and "Liver" both have to steer the model.
     pick = batch["phrase"] % counts[organ]
     use_display = torch.rand(len(organ), generator=generator) < 0.5
     pick = torch.where(use_display, torch.zeros_like(pick), pick)
-    return table[organ, pick]
+    return table[0][organ, pick], table[1][organ, pick]
 
 
 def train(cfg: TrainConfig, progress: bool = True,
@@ -214,7 +217,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                 label = batch["label"]
                 with torch.no_grad():
                     x0 = accelerator.unwrap_model(pmodel).encode_mask(label)
-                text = _collate_text(batch, table, counts, gen).to(x0.device)
+                text = tuple(v.to(x0.device) for v in _collate_text(batch, table, counts, gen))
                 noise = torch.randn(x0.shape, generator=gen).to(x0.device)
                 u = torch.rand(x0.shape[0], generator=gen) ** cfg.high_noise_power
                 t = (u * (scheduler.config.num_train_timesteps - 1)).round().long().to(x0.device)
