@@ -101,9 +101,11 @@ def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shippe
     img = sitk.ReadImage(str(ct_crop))
     sitk.WriteImage(img, str(cases / "a.nii.gz"))
     sitk.WriteImage(sitk.DICOMOrient(img, "RAS"), str(cases / "b.nrrd"))
+    (cases / "c.nii.gz").write_bytes((cases / "a.nii.gz").read_bytes()[:5000])  # a truncated download
     out = tmp_path / "out"
-    assert main(["segment", str(cases), "--prompt", "liver", "--proposals", "1", "--steps", "2",
-                 "--model", str(shipped_model), "-o", str(out)]) == 0
+    rc = main(["segment", str(cases), "--prompt", "liver", "--proposals", "1", "--steps", "2",
+               "--model", str(shipped_model), "-o", str(out)])
+    assert rc == 2  # the bad case is reported; the others are complete
     assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
     assert (out / "b" / "proposals.seg.nrrd").is_file()
 

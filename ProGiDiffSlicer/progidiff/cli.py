@@ -142,6 +142,7 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     engine = Engine(a.model, device=device, adapter=_adapter_arg(a.adapter))
     engine.resolve(a.prompt)
+    failed = 0
     for path, o in jobs:
         bar = tqdm(total=1, desc=f"{case_name(path)}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
 
@@ -154,6 +155,13 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
         try:
             report = segment_file(engine, path, a.prompt, o, opts, overwrite=a.overwrite, progress=progress,
                                   series=a.series)
+        except ProGiDiffError as exc:
+            if len(jobs) == 1:
+                raise
+            # In a cohort one bad case must not stop the others: report it and go on.
+            print(f"progidiff: error: {exc}", file=sys.stderr)
+            failed = max(failed, exc.exit_code)
+            continue
         finally:
             bar.close()
         vol, dia = report["volume_ml"], report["diameter_mm"]
@@ -161,7 +169,9 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
               f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL, largest "
               f"diameter {dia['min']:.0f}/{dia['median']:.0f}/{dia['max']:.0f} mm (min/median/max)"
               f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
-    return 0
+    if failed:
+        print(f"progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
+    return failed
 
 
 EPILOG_REFINE = """example:

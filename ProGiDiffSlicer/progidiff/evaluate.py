@@ -278,4 +278,7 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
                    for k, v in rep["organs"].items()},
     }
     card_path.write_text(json.dumps(card, indent=2))
+    from .card import write_markdown
+
+    write_markdown(card_path.parent)
     return card_path

@@ -1,0 +1,60 @@
+"""The human-readable model card (README.md in a model or adapter folder), rendered from the
+JSON card so the two never disagree."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def render(card: dict) -> str:
+    t = card.get("training", {})
+    adapter = card.get("kind") == "lora-adapter"
+    title = f"LoRA adapter `{Path(card.get('base_model', '')).name}` → {card.get('modality')}" if adapter else \
+        f"Model `{card.get('name', '')}` ({card.get('modality', '')})"
+    lines = [f"# {title}", ""]
+    if adapter:
+        lines += [f"Low-rank adapter (rank {card['rank']}) for base `{card['base_model']}` "
+                  f"(weights sha256 `{card['base_sha256'][:16]}…`; refused on any other base). Trainable parameters during "
+                  f"adaptation: {card['trainable_parameters']:,} of {card['model_parameters']:,} "
+                  f"(**{100 * card['trainable_fraction']:.2f} %**). Bias-field augmentation: "
+                  f"{'on' if card.get('bias_field_augmentation') else 'off'}.", ""]
+    else:
+        lines += [f"Organs: {', '.join(card.get('organs', []))}. Parameters: {card.get('parameters', 0):,}. "
+                  f"Model grid: {card.get('grid', {}).get('size')} px at {card.get('grid', {}).get('spacing_mm')} mm, "
+                  f"context ±{card.get('grid', {}).get('context')} slice(s).", ""]
+    lines += ["## Training", "", f"- Command: `{t.get('command', '')}`",
+              f"- Data: `{t.get('dataset', '')}`, cases {', '.join(t.get('cases', []))}",
+              f"- Wall time: {t.get('seconds', 0) / 60:.1f} min on {t.get('device', 'cpu')}"
+              f"{' (' + str(t.get('processes')) + ' process(es))' if t.get('processes') else ''}"]
+    if t.get("holdout_z_mm"):
+        lines.append(f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}")
+    if t.get("adapt_z_mm"):
+        lines.append(f"- Adaptation slab (world z, mm): {json.dumps(t['adapt_z_mm'])}")
+    cfg = t.get("config")
+    if cfg:
+        lines.append(f"- Settings: stage 1 {cfg.get('stage1_steps')} steps, stage 2 {cfg.get('stage2_steps')} steps, "
+                     f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, base fine-tuned in stage 2: {cfg.get('finetune_base')}")
+    for dataset, m in card.get("metrics", {}).items():
+        lines += ["", f"## Measured on `{dataset}`", ""]
+        lines += [f"- {k}: {v}" for k, v in m.get("evaluated_on", {}).items()]
+        lines += [f"- {m['proposals']} proposals, {m['steps']} steps, {m['device']}; command: `{m['command']}`", "",
+                  "| organ | ranked-first Dice | HD95 mm | consensus Dice | best-of-N Dice | RandTop-3 Dice | GED |",
+                  "|---|---|---|---|---|---|---|"]
+        for organ, o in m["organs"].items():
+            lines.append(f"| {organ} | {o['ranked_first_dice']:.3f} | {o['ranked_first_hd95_mm']:.1f} | {o['consensus_dice']:.3f} | "
+                         f"{o['best_of_n_dice']:.3f} | {o['randtop3_dice']:.3f} | {o['ged']:.3f} |")
+        md = m["mean_dice"]
+        lines.append(f"| **mean** | **{md['ranked_first']:.3f}** | | **{md['consensus']:.3f}** | **{md['best_of_n']:.3f}** | "
+                     f"**{md['randtop3']:.3f}** | |")
+    lines += ["", "Labels of the training/evaluation data are TotalSegmentator predictions, not manual annotations; "
+              "one person per modality. Expect lower accuracy on other people, scanners and protocols.", ""]
+    return "\n".join(lines)
+
+
+def write_markdown(folder: Path) -> Path:
+    for name in ("adapter_card.json", "model_card.json"):
+        if (folder / name).is_file():
+            out = folder / "README.md"
+            out.write_text(render(json.loads((folder / name).read_text())))
+            return out
+    raise FileNotFoundError(folder)
