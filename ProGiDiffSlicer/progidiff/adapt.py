@@ -199,6 +199,9 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
         "sha256": {ADAPTER_WEIGHTS: sha256(out / ADAPTER_WEIGHTS)},
     }
     (out / ADAPTER_CARD).write_text(json.dumps(card, indent=2))
+    from .card import write_markdown
+
+    write_markdown(out)
     log.info("adapter saved to %s: %d trainable parameters (%.2f %% of %d) in %.0f s", out, trainable,
              100 * trainable / total, total, time.time() - t0)
     return out

@@ -264,6 +264,9 @@ def train(cfg: TrainConfig, progress: bool = True,
                          "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()}},
         }
         model.save_pretrained(out, card=card)
+        from .card import write_markdown
+
+        write_markdown(out)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         log.info("saved model to %s after %.0fs", out, seconds)
     accelerator.wait_for_everyone()
