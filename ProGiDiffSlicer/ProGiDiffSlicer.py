@@ -55,7 +55,7 @@ class ProGiDiffSlicerParameterNode:
 
 def known_organs() -> list[str]:
     """Organ names for the completer, read from the vocabulary file (no torch import)."""
-    with open(os.path.join(MODULE_DIR, "progidiff", "vocabulary.json")) as f:
+    with open(os.path.join(MODULE_DIR, "progidiff", "vocabulary.json"), encoding="utf-8") as f:
         return [o["display"] for o in json.load(f)["organs"]]
 
 

@@ -61,8 +61,8 @@ def tiny_dataset(tmp_path_factory, ct_path, ct_label_path) -> Path:
     (root / "labelsTr").mkdir()
     sitk.WriteImage(upper_abdomen(sitk.ReadImage(str(ct_path))), str(root / "imagesTr" / "case_001_0000.nii.gz"))
     sitk.WriteImage(upper_abdomen(sitk.ReadImage(str(ct_label_path))), str(root / "labelsTr" / "case_001.nii.gz"))
-    meta = json.loads(shared("ct-abdomen", "dataset.json").read_text())
-    (root / "dataset.json").write_text(json.dumps({"labels": meta["labels"], "channel_names": {"0": "CT"}}))
+    meta = json.loads(shared("ct-abdomen", "dataset.json").read_text(encoding="utf-8"))
+    (root / "dataset.json").write_text(json.dumps({"labels": meta["labels"], "channel_names": {"0": "CT"}}), encoding="utf-8")
     return root
 
 
@@ -147,8 +147,8 @@ def tiny_mr_dataset(tmp_path_factory, mr_path) -> Path:
     (root / "labelsTr").mkdir()
     shutil.copy(mr_path, root / "imagesTr" / "mr_001_0000.nii.gz")
     shutil.copy(shared("mr-abdomen", "labelsTr", "tsmr_001.nii.gz"), root / "labelsTr" / "mr_001.nii.gz")
-    meta = json.loads(shared("mr-abdomen", "dataset.json").read_text())
-    (root / "dataset.json").write_text(json.dumps({"labels": meta["labels"], "channel_names": {"0": "MR"}}))
+    meta = json.loads(shared("mr-abdomen", "dataset.json").read_text(encoding="utf-8"))
+    (root / "dataset.json").write_text(json.dumps({"labels": meta["labels"], "channel_names": {"0": "MR"}}), encoding="utf-8")
     return root
 
 

@@ -16,8 +16,8 @@ from progidiff.volume import guess_modality, read_scan
 
 
 def test_adapter_is_small_and_records_its_base(tiny_adapter, tiny_model):
-    card = json.loads((tiny_adapter / ADAPTER_CARD).read_text())
-    base = json.loads((tiny_model / "model_card.json").read_text())
+    card = json.loads((tiny_adapter / ADAPTER_CARD).read_text(encoding="utf-8"))
+    base = json.loads((tiny_model / "model_card.json").read_text(encoding="utf-8"))
     assert card["base_sha256"] == base["sha256"]["diffusion_pytorch_model.safetensors"]
     assert card["modality"] == "MR" and 0 < card["trainable_fraction"] <= 0.05
     assert (tiny_adapter / ADAPTER_WEIGHTS).stat().st_size < (tiny_model / "diffusion_pytorch_model.safetensors").stat().st_size

@@ -38,7 +38,7 @@ def test_branch_is_a_controlnet_with_the_custom_encoder():
 def test_save_load_round_trip(tmp_path):
     m = tiny_model().eval()
     m.save_pretrained(tmp_path / "m", card={"organs": ["liver"]}, dtype=torch.float32)
-    card = json.loads((tmp_path / "m" / CARD_NAME).read_text())
+    card = json.loads((tmp_path / "m" / CARD_NAME).read_text(encoding="utf-8"))
     assert card["sha256"][WEIGHTS_NAME] and card["parameters"] == m.num_parameters()
     r = ProGiDiffModel.from_pretrained(tmp_path / "m")
     x, t, s, img = torch.randn(2, 1, 32, 32), torch.tensor([10, 500]), torch.randn(2, 8, 384), torch.rand(2, 3, 32, 32)
@@ -60,9 +60,9 @@ def test_refuses_corrupt_incomplete_or_incompatible_models(tmp_path):
     with pytest.raises(ModelError, match="lacks"):
         ProGiDiffModel.from_pretrained(d)
     m.save_pretrained(d)
-    card = json.loads((d / CARD_NAME).read_text())
+    card = json.loads((d / CARD_NAME).read_text(encoding="utf-8"))
     card["format"] = 99
-    (d / CARD_NAME).write_text(json.dumps(card))
+    (d / CARD_NAME).write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelError, match="format"):
         ProGiDiffModel.from_pretrained(d)
     with pytest.raises(ModelError, match="no such model folder"):
@@ -87,8 +87,8 @@ def build_tiny_sd(root):
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     (root / "tok").mkdir(parents=True)
-    (root / "tok" / "vocab.json").write_text(json.dumps(vocab))
-    (root / "tok" / "merges.txt").write_text("#version: 0.2\n")
+    (root / "tok" / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (root / "tok" / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt")).save_pretrained(root / "tokenizer")
     CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
@@ -123,7 +123,7 @@ def test_shipped_models_are_small_documented_and_load(shipped_model):
     root = shipped_model.parent
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total <= 30 * 1024 ** 2, total
-    card = json.loads((shipped_model / CARD_NAME).read_text())
+    card = json.loads((shipped_model / CARD_NAME).read_text(encoding="utf-8"))
     assert card["training"]["command"].startswith("progidiff train")
     assert card["training"]["seconds"] > 0 and card["training"]["cases"]
     assert {"liver", "spleen", "kidney_left", "kidney_right", "gallbladder", "stomach", "pancreas", "aorta",

@@ -43,7 +43,7 @@ def test_evaluate_with_simulated_edits(tiny_model, tiny_dataset, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", str(tiny_model), str(tiny_dataset), "-n", "3", "--steps", "2", "--simulate-edits",
                  "-o", str(out)]) == 0
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
     for organ, o in rep["organs"].items():
         for m in ("ranked_first", "consensus", "best_of_n", "randtop3"):

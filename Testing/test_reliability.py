@@ -17,7 +17,7 @@ from progidiff.volume import read_scan, validate_image
 
 
 def test_folder_without_dicom(tmp_path):
-    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "notes.txt").write_text("x", encoding="utf-8")
     with pytest.raises(InputError, match="no DICOM"):
         read_scan(tmp_path)
 
@@ -61,7 +61,7 @@ def test_very_anisotropic_and_oblique_volume_is_accepted():
 
 def test_output_path_that_is_a_file(tmp_path):
     f = tmp_path / "out"
-    f.write_text("x")
+    f.write_text("x", encoding="utf-8")
     with pytest.raises(OutputError, match="not a folder"):
         check_output_dir(f, overwrite=False)
 

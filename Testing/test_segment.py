@@ -39,7 +39,7 @@ def test_output_contract(ct_crop, tmp_path, shipped_model):
     assert p1.dtype == np.uint8 and set(np.unique(p1)) <= {0, 1}
     unc = sitk.ReadImage(str(out / "uncertainty.nii.gz"))
     assert unc.GetPixelID() == sitk.sitkFloat32
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert set(REPORT_KEYS) <= set(report)
     assert report["organ"] == "liver" and report["modality"] == "CT"
     assert [p["rank"] for p in report["proposals"]] == [1, 2, 3]
@@ -83,16 +83,16 @@ def test_same_masks_from_dicom_and_reoriented_nifti(ct_crop, tmp_path, engine):
 def test_existing_results_are_refused_unless_overwrite(ct_crop, tmp_path, shipped_model, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "report.json").write_text("{}")
-    (out / "notes.txt").write_text("mine")
+    (out / "report.json").write_text("{}", encoding="utf-8")
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
     rc = main(["segment", str(ct_crop), "--prompt", "liver", "--proposals", "1", "--steps", "1",
                "--model", str(shipped_model), "-o", str(out)])
     assert rc == 5 and "--overwrite" in capsys.readouterr().err
-    assert (out / "report.json").read_text() == "{}"
+    assert (out / "report.json").read_text(encoding="utf-8") == "{}"
     rc = main(["segment", str(ct_crop), "--prompt", "liver", "--proposals", "1", "--steps", "1",
                "--model", str(shipped_model), "-o", str(out), "--overwrite"])
-    assert rc == 0 and json.loads((out / "report.json").read_text())["organ"] == "liver"
-    assert (out / "notes.txt").read_text() == "mine"
+    assert rc == 0 and json.loads((out / "report.json").read_text(encoding="utf-8"))["organ"] == "liver"
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shipped_model):
@@ -111,7 +111,7 @@ def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shippe
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "progidiff.cli", *args], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "progidiff.cli", *args], capture_output=True, text=True, encoding="utf-8", errors="replace", **kw)
 
 
 @pytest.mark.parametrize("args,code,needle", [
@@ -134,11 +134,11 @@ def test_cli_errors_are_one_line(args, code, needle, ct_crop, tmp_path):
 def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_model, sig):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("untouched")
+    (out / "keep.txt").write_text("untouched", encoding="utf-8")
     before = sorted(os.listdir(out))
     proc = subprocess.Popen([sys.executable, "-m", "progidiff.cli", "segment", str(ct_path), "--prompt", "liver",
                              "--proposals", "16", "--steps", "50", "--model", str(shipped_model), "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", cwd=tmp_path)
     seen = ""
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -150,5 +150,5 @@ def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_mod
     rc = proc.wait(timeout=60)
     assert rc == 130, seen[-500:]
     assert sorted(os.listdir(out)) == before
-    assert (out / "keep.txt").read_text() == "untouched"
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "untouched"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]

@@ -65,7 +65,7 @@ def apply_adapter(model: ProGiDiffModel, adapter_dir: str | Path) -> ProGiDiffMo
         raise ModelError(f"{d}: this adapter was made for model '{card.get('base_model')}' "
                          f"(weights {card['base_sha256'][:12]}…), not for {Path(getattr(model, 'model_dir', '?')).name} "
                          f"({base_sha[:12]}…); use the adapter of this model or adapt it again.")
-    cfg_data = json.loads((d / ADAPTER_CONFIG).read_text())
+    cfg_data = json.loads((d / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     cfg = LoraConfig(**{k: v for k, v in cfg_data.items() if k in LoraConfig.__dataclass_fields__})
     adapted = copy.deepcopy(model)
     inject_adapter_in_model(cfg, adapted)
@@ -84,7 +84,7 @@ def read_adapter_card(d: Path) -> dict:
     for name in (ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (d / name).is_file():
             raise ModelError(f"{d}: the adapter folder lacks {name}; copy the whole folder again.")
-    card = json.loads((d / ADAPTER_CARD).read_text())
+    card = json.loads((d / ADAPTER_CARD).read_text(encoding="utf-8"))
     want = card.get("sha256", {}).get(ADAPTER_WEIGHTS)
     if want and sha256(d / ADAPTER_WEIGHTS) != want:
         raise ModelError(f"{d / ADAPTER_WEIGHTS}: its sha256 does not match the adapter card; copy it again.")
@@ -98,7 +98,7 @@ def find_adapter(model_dir: Path, modality: str, base_sha: str | None) -> Path |
         card_path = c / ADAPTER_CARD
         if not card_path.is_file():
             continue
-        card = json.loads(card_path.read_text())
+        card = json.loads(card_path.read_text(encoding="utf-8"))
         if card.get("modality") == modality and (base_sha is None or card.get("base_sha256") == base_sha):
             return c
     return None
@@ -184,7 +184,7 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     save_file(state, str(out / ADAPTER_WEIGHTS))
     cfg_dict = lcfg.to_dict()
     cfg_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg_dict.items()}
-    (out / ADAPTER_CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=str))
+    (out / ADAPTER_CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=str), encoding="utf-8")
     card = {
         "kind": "lora-adapter", "modality": cfg.modality, "base_model": Path(cfg.base).name,
         "base_sha256": base.card["sha256"][WEIGHTS_NAME], "organs": organs, "rank": cfg.rank,
@@ -198,7 +198,7 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
                      "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in holdout.items()}},
         "sha256": {ADAPTER_WEIGHTS: sha256(out / ADAPTER_WEIGHTS)},
     }
-    (out / ADAPTER_CARD).write_text(json.dumps(card, indent=2))
+    (out / ADAPTER_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
     from .card import write_markdown
 
     write_markdown(out)

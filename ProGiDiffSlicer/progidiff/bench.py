@@ -139,7 +139,7 @@ def run_bench(device: str = "auto", model: str | None = None, out_md: Path | Non
         rep["quality_vs_steps"] = quality_curve(engine, quality_dataset, prompt)
     rep["peak_rss_mb"] = peak_rss_mb()
     if json_path:
-        Path(json_path).write_text(json.dumps(rep, indent=2))
+        Path(json_path).write_text(json.dumps(rep, indent=2), encoding="utf-8")
     if out_md:
         write_markdown(rep, Path(out_md))
     return rep
@@ -184,7 +184,7 @@ def _machine(dev: torch.device) -> str:
         return f"{torch.cuda.get_device_name(dev)} (torch {torch.__version__})"
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -226,7 +226,7 @@ def write_markdown(rep: dict, path: Path) -> None:
         lines += [f"| {q['steps']} | {q['dice_ranked_first']:.3f} | {q['seconds']:.1f} |" for q in rep["quality_vs_steps"]]
     lines += ["", f"Peak RSS of the whole benchmark process: {rep['peak_rss_mb']:.0f} MB.", "",
               "![time against N](benchmarks.png)", ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
     fig, axes = plt.subplots(1, 2 if rep.get("quality_vs_steps") else 1, figsize=(9, 3.4), squeeze=False)
     ax = axes[0, 0]
     ns = [r["proposals"] for r in rep["segment"]]

@@ -55,6 +55,6 @@ def write_markdown(folder: Path) -> Path:
     for name in ("adapter_card.json", "model_card.json"):
         if (folder / name).is_file():
             out = folder / "README.md"
-            out.write_text(render(json.loads((folder / name).read_text())))
+            out.write_text(render(json.loads((folder / name).read_text(encoding="utf-8"))))
             return out
     raise FileNotFoundError(folder)

@@ -300,7 +300,7 @@ def _run_bench(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .bench import run_bench
 
     rep = run_bench(a.device, a.model, Path(a.out), Path(a.json) if a.json else None, a.quality)
-    print(Path(a.out).read_text())
+    print(Path(a.out).read_text(encoding="utf-8"))
     return 0
 
 
@@ -343,7 +343,7 @@ def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
 
         card = record_in_card(rep, Path(a.model), _adapter_arg(a.adapter))
         print(f"results recorded in {card}")
-    print((Path(a.output) / "report.md").read_text())
+    print((Path(a.output) / "report.md").read_text(encoding="utf-8"))
     return 0
 
 
@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Summaries use "·" and "×": never crash on a terminal or log in the C/ASCII locale.
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="replace")
     parser = build_parser()
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, format="%(levelname)s %(message)s")

@@ -43,7 +43,7 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
     meta_path = r / "dataset.json"
     if not meta_path.is_file():
         raise InputError(f"{r}: no dataset.json; a dataset folder holds imagesTr/, labelsTr/ and dataset.json (nnU-Net convention).")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     raw = meta.get("labels", {})
     labels: dict[str, int] = {}
     for k, v in raw.items():

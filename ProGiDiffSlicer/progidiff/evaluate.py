@@ -73,7 +73,7 @@ def holdout_of(folder: Path) -> dict:
     """The held-out slabs recorded in a model card or an adapter card."""
     for name in ("adapter_card.json", "model_card.json"):
         if (folder / name).is_file():
-            return json.loads((folder / name).read_text()).get("training", {}).get("holdout_z_mm", {})
+            return json.loads((folder / name).read_text(encoding="utf-8")).get("training", {}).get("holdout_z_mm", {})
     raise InputError(f"{folder}: holds neither a model card nor an adapter card.")
 
 
@@ -159,8 +159,8 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command)
         report["adapter"] = locals().get("used_adapter")
         report["modality"] = modality
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "report.md").write_text(_markdown(report))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
         _figure(report, tmp / "report.png")
     return report
 
@@ -268,7 +268,7 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
     """Store the measured numbers in the model card (or adapter card); weights are untouched,
     so their sha256 stays valid."""
     card_path = Path(adapter) / "adapter_card.json" if adapter not in (None, "auto") else model_dir / "model_card.json"
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     card.setdefault("metrics", {})[Path(rep["dataset"]).name] = {
         "evaluated_on": rep["evaluated_on"], "proposals": rep["proposals"], "steps": rep["steps"],
         "device": rep["device"], "command": rep["command"], "mean_dice": rep["mean_dice"],
@@ -277,7 +277,7 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
                        "randtop3_dice": round(v["randtop3"]["dice"], 4), "ged": round(v["ged"], 4)}
                    for k, v in rep["organs"].items()},
     }
-    card_path.write_text(json.dumps(card, indent=2))
+    card_path.write_text(json.dumps(card, indent=2), encoding="utf-8")
     from .card import write_markdown
 
     write_markdown(card_path.parent)

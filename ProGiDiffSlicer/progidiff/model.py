@@ -195,7 +195,7 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
         card.update({"format": CARD_FORMAT, "engine_version": __version__,
                      "parameters": self.num_parameters(),
                      "sha256": {WEIGHTS_NAME: sha256(out / WEIGHTS_NAME)}})
-        (out / CARD_NAME).write_text(json.dumps(card, indent=2))
+        (out / CARD_NAME).write_text(json.dumps(card, indent=2), encoding="utf-8")
         te = Path(self.config.text_encoder)
         if self.config.text_encoder != DEFAULT_TEXT_ENCODER and te.is_dir() and te.resolve() != out.resolve():
             # A Stable Diffusion model carries its CLIP text encoder and tokenizer along.
@@ -275,7 +275,7 @@ def read_card(model_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ModelError(f"{d}: the model folder lacks {CARD_NAME}; copy the whole folder again.")
     try:
-        card = json.loads(path.read_text())
+        card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: the model card is not valid JSON ({exc}).") from exc
     if int(card.get("format", -1)) != CARD_FORMAT:

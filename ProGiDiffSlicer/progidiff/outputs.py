@@ -117,4 +117,4 @@ def write_report(report: dict, path: Path) -> None:
     missing = [k for k in REPORT_KEYS if k not in report]
     if missing:  # a programming error, never a user's
         raise AssertionError(f"report lacks {missing}")
-    path.write_text(json.dumps(report, indent=2))
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -64,9 +64,9 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "Vocabulary":
         if path is None:
-            text = resources.files(__package__).joinpath("vocabulary.json").read_text()
+            text = resources.files(__package__).joinpath("vocabulary.json").read_text(encoding="utf-8")
         else:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         return cls.from_dict(json.loads(text))
 
     @classmethod

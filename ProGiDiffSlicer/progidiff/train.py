@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         model.load_state_dict(torch.load(cfg.init_from, map_location="cpu"))
         state = {"stage": 2, "step": 0}
     if cfg.resume and (ckpt_dir / "state.json").is_file():
-        state = json.loads((ckpt_dir / "state.json").read_text())
+        state = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
         model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu"))
         log.info("resuming at stage %d step %d", state["stage"], state["step"])
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -209,7 +209,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         bar = tqdm(total=steps, initial=start, desc=f"stage {stage}", disable=not (progress and accelerator.is_main_process),
                    dynamic_ncols=True)
         step = start
-        with open(log_path, "a", newline="") as logf:
+        with open(log_path, "a", newline="", encoding="utf-8") as logf:
             writer = csv.writer(logf)
             if logf.tell() == 0:
                 writer.writerow(["stage", "step", "loss", "mse", "dice", "lr", "seconds"])
@@ -285,4 +285,4 @@ def _checkpoint(accelerator, model, optimizer, ckpt_dir: Path, stage: int, step:
         os.replace(ckpt_dir / "optimizer.pt.tmp", ckpt_dir / "optimizer.pt")
     elif (ckpt_dir / "optimizer.pt").exists():
         (ckpt_dir / "optimizer.pt").unlink()
-    (ckpt_dir / "state.json").write_text(json.dumps({"stage": stage, "step": step}))
+    (ckpt_dir / "state.json").write_text(json.dumps({"stage": stage, "step": step}), encoding="utf-8")
