@@ -47,7 +47,7 @@ class ProGiDiffSlicerParameterNode:
     targetSegmentation: vtkMRMLSegmentationNode
     prompt: str = "liver"
     proposals: Annotated[int, WithinRange(1, 64)] = 8
-    steps: Annotated[int, WithinRange(1, 200)] = 8
+    steps: Annotated[int, WithinRange(1, 200)] = 4
     seed: int = 0
     forceCPU: bool = False
     modality: Annotated[str, Choice(["auto", "CT", "MR"])] = "auto"
@@ -340,7 +340,7 @@ class ProGiDiffSlicerLogic(ScriptedLoadableModuleLogic):
             self._worker = SegmentationWorker()
         return self._worker
 
-    def process(self, volumeNode, prompt: str, proposals: int = 8, steps: int = 8, seed: int = 0,
+    def process(self, volumeNode, prompt: str, proposals: int = 8, steps: int = 4, seed: int = 0,
                 modality: str = "auto", forceCPU: bool = False, modelDir: Optional[str] = None):
         """Segment ``prompt`` in ``volumeNode``; blocks (processing Qt events) until done.
 

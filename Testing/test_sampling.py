@@ -30,15 +30,18 @@ def test_same_seed_same_masks_different_seed_different_masks(setup, scheduler):
     assert not np.allclose(a[0], a[1])
 
 
-def test_batching_does_not_change_the_result(setup):
+def test_batching_does_not_change_the_result(setup, monkeypatch):
+    # Exact in fp32; bf16 (used where the CPU has it) rounds differently per batch shape.
+    monkeypatch.setenv("PROGIDIFF_CPU_BF16", "0")
     model, stack, states = setup
     a = sample_proposals(model, stack, states, seeds=[0, 1, 2], steps=2, batch_size=1)
     b = sample_proposals(model, stack, states, seeds=[0, 1, 2], steps=2, batch_size=64)
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_one_noise_per_proposal_for_all_slices(setup):
+def test_one_noise_per_proposal_for_all_slices(setup, monkeypatch):
     """3D coherence: identical slices in one proposal give identical masks."""
+    monkeypatch.setenv("PROGIDIFF_CPU_BF16", "0")  # exact comparison: fp32
     model, stack, states = setup
     same = np.repeat(stack[:1], 4, axis=0)
     p = sample_proposals(model, same, states, seeds=[7], steps=2)
@@ -78,3 +81,33 @@ def test_invalid_arguments(setup):
         sample_proposals(model, stack, states, seeds=[], steps=2)
     with pytest.raises(InputError):
         sample_proposals(model, stack, states, seeds=[0], steps=2, scheduler="euler-magic")
+
+
+def test_one_default_step_count_everywhere():
+    from ProGiDiffSlicerLib.worker import SegmentRequest
+
+    from progidiff import cli, engine
+
+    assert cli.DEFAULT_STEPS == engine.DEFAULT_STEPS == engine.SegmentOptions().steps
+    assert SegmentRequest.__dataclass_fields__["steps"].default == engine.DEFAULT_STEPS
+
+
+def test_cpu_reduced_precision_can_be_switched_off(monkeypatch):
+    from progidiff.sampling import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu")) in (None, torch.bfloat16)
+    monkeypatch.setenv("PROGIDIFF_CPU_BF16", "0")
+    assert autocast_dtype(torch.device("cpu")) is None
+
+
+def test_bf16_and_fp32_sampling_agree(setup, monkeypatch):
+    """Where the CPU runs bf16 natively the sampler uses it; the masks must match fp32's."""
+    from progidiff.sampling import autocast_dtype
+
+    model, stack, states = setup
+    if autocast_dtype(torch.device("cpu")) is None:
+        pytest.skip("this CPU has no native bf16; the sampler runs fp32 only")
+    a = sample_proposals(model, stack, states, seeds=[0, 1], steps=2) > 0.5
+    monkeypatch.setenv("PROGIDIFF_CPU_BF16", "0")
+    b = sample_proposals(model, stack, states, seeds=[0, 1], steps=2) > 0.5
+    assert (a != b).mean() < 0.01

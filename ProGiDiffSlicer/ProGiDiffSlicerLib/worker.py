@@ -42,7 +42,7 @@ class SegmentRequest:
     ijk_to_ras: np.ndarray      # 4x4
     prompt: str
     proposals: int = 8
-    steps: int = 8
+    steps: int = 4  # progidiff.engine.DEFAULT_STEPS (not imported: the module must load before torch is installed)
     seed: int = 0
     modality: str = "auto"
     dicom_modality: str | None = None

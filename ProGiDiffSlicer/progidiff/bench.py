@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .engine import Engine, SegmentOptions
-from .volume import context_slices, read_scan
+from .sampling import autocast_dtype
+from .volume import body_axis_coords, body_slices, context_slices, read_scan
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def denoiser_throughput(engine: Engine, batch: int, seconds: float = 8.0) -> tup
     img = torch.rand(batch, c, h * m.latent_factor, w * m.latent_factor, device=dev)
     t = torch.full((batch,), 500, device=dev)
     s = (states[0].to(dev).expand(batch, -1, -1), states[1].to(dev).expand(batch, -1))
-    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    dtype = autocast_dtype(dev)
+    amp = dict(device_type=dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     with torch.inference_mode(), torch.autocast(**amp):
         with FlopCounterMode(display=False) as fc:
             m(x[:1], t[:1], (s[0][:1], s[1][:1]), img[:1])
@@ -92,11 +94,12 @@ def naive_seconds(engine: Engine, scan, prompt: str, proposals: int) -> tuple[fl
     ref = model_grid(scan.image, engine.grid, "CT")
     vol = to_model_grid(scan.image, ref, "CT")
     stack = context_slices(vol, engine.model.config.context)
-    idx = np.nonzero(vol.reshape(vol.shape[0], -1).max(1) > 0.05)[0]
+    idx = body_slices(vol)
+    coords = body_axis_coords(vol)
     states = engine.text_states(res.organ)
     for z in idx:
         sample_proposals(engine.model, stack[z:z + 1], states, [0], steps=50, scheduler="ddim",
-                         device=engine.device, batch_size=1)
+                         device=engine.device, batch_size=1, coords=coords[z:z + 1])
     one = time.perf_counter() - t0
     return one * proposals, len(idx)
 
@@ -112,7 +115,7 @@ def run_bench(device: str = "auto", model: str | None = None, out_md: Path | Non
                  "input_size": list(scan.image.GetSize()), "prompt": prompt}
     rate, flops = denoiser_throughput(engine, batch=32 if dev.type == "cpu" else 512)
     peak = matmul_rate(dev)
-    rep["denoiser"] = {"evals_per_s": rate, "gflops_per_eval": flops / 1e9, "matmul_tflops": peak / 1e12,
+    rep["denoiser"] = {"precision": str(autocast_dtype(dev) or torch.float32).replace("torch.", ""), "evals_per_s": rate, "gflops_per_eval": flops / 1e9, "matmul_tflops": peak / 1e12,
                        "fraction_of_matmul_peak": rate * flops / peak}
     runs = []
     for n in (1, 4, 8, 16):
@@ -135,6 +138,7 @@ def run_bench(device: str = "auto", model: str | None = None, out_md: Path | Non
                     "how": "one proposal measured over every body slice at batch 1, times 8"}
     fast8 = next(r for r in runs if r["proposals"] == 8)["seconds"]
     rep["speedup_vs_naive_n8"] = naive8 / fast8
+    rep["volume_size"] = size_sweep(engine, prompt, proposals=8)
     if quality_dataset:
         rep["quality_vs_steps"] = quality_curve(engine, quality_dataset, prompt)
     rep["peak_rss_mb"] = peak_rss_mb()
@@ -143,6 +147,49 @@ def run_bench(device: str = "auto", model: str | None = None, out_md: Path | Non
     if out_md:
         write_markdown(rep, Path(out_md))
     return rep
+
+
+#: Input grids for the size sweep: the sample CT resampled over its own physical extent, so the
+#: model-grid work is the same and the growth is what reading, resampling back and writing cost.
+SWEEP_SIZES = ((256, 256, 150), (512, 512, 200))
+
+
+def resampled_sample(size: tuple[int, int, int], path: Path) -> Path:
+    """The sample CT resampled (linear) to ``size`` voxels over the same physical extent, written to ``path``."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(SAMPLE_CT))
+    extent = [n * s for n, s in zip(img.GetSize(), img.GetSpacing())]
+    spacing = [e / n for e, n in zip(extent, size)]
+    origin = img.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 * sp / s for sp, s in zip(spacing, img.GetSpacing())])
+    out = sitk.Resample(img, list(size), sitk.Transform(), sitk.sitkLinear, origin, spacing, img.GetDirection(), -1024.0,
+                        sitk.sitkInt16)
+    sitk.WriteImage(out, str(path))
+    return path
+
+
+def size_sweep(engine: Engine, prompt: str, proposals: int = 8, sizes=SWEEP_SIZES) -> list[dict]:
+    """End-to-end seconds (read the file, segment, write every output) against the input's voxel count."""
+    from .segment import write_result
+
+    dev = engine.device
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [(tuple(read_scan(SAMPLE_CT).image.GetSize()), SAMPLE_CT)]
+        files += [(s, resampled_sample(s, Path(tmp) / f"ct_{'x'.join(map(str, s))}.nii.gz")) for s in sizes]
+        for size, path in files:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            res = engine.segment(read_scan(path), prompt, SegmentOptions(proposals=proposals))
+            write_result(res, engine, Path(tmp) / f"out_{'x'.join(map(str, size))}")
+            total = time.perf_counter() - t0
+            denoise = res.timings.get("sampling", 0) + res.timings.get("prepass", 0)
+            out.append({"size": list(size), "voxels": int(np.prod(size)), "proposals": proposals, "seconds": total,
+                        "denoiser_seconds": denoise, "other_fraction": 1 - denoise / total, "peak_rss_mb": peak_rss_mb(),
+                        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else None})
+            log.info("size %s: %.1fs", size, total)
+    return out
 
 
 def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
@@ -220,14 +267,25 @@ def write_markdown(rep: dict, path: Path) -> None:
     lines += ["", f"Naive way (one slice, one proposal at a time, 50 DDIM steps, all {nv['body_slices']} body slices): "
               f"**{nv['seconds']:.0f} s** for 8 proposals ({nv['how']}); ProGiDiff's default path is "
               f"**{rep['speedup_vs_naive_n8']:.1f}×** faster.", ""]
+    if rep.get("volume_size"):
+        lines += [f"## Against input size ({rep['volume_size'][0]['proposals']} proposals; the sample CT resampled over "
+                  "its own extent, so the model-grid work is the same)", "",
+                  "| input voxels | seconds | denoiser seconds | non-denoiser share | peak RSS MB (process so far) | GPU peak MB |",
+                  "|---|---|---|---|---|---|"]
+        for r in rep["volume_size"]:
+            gpu = f"{r['gpu_peak_mb']:.0f}" if r.get("gpu_peak_mb") else "–"
+            lines.append(f"| {'×'.join(map(str, r['size']))} | {r['seconds']:.1f} | {r['denoiser_seconds']:.1f} | "
+                         f"{r['other_fraction']:.0%} | {r['peak_rss_mb']:.0f} | {gpu} |")
+        lines.append("")
     if rep.get("quality_vs_steps"):
         lines += ["## Quality against steps (ranked-first Dice, liver, held-out slab, 4 proposals, DPM-Solver++)", "",
                   "| steps | Dice | seconds |", "|---|---|---|"]
         lines += [f"| {q['steps']} | {q['dice_ranked_first']:.3f} | {q['seconds']:.1f} |" for q in rep["quality_vs_steps"]]
     lines += ["", f"Peak RSS of the whole benchmark process: {rep['peak_rss_mb']:.0f} MB.", "",
-              "![time against N](benchmarks.png)", ""]
+              "![time against N, input size and steps](benchmarks.png)", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
-    fig, axes = plt.subplots(1, 2 if rep.get("quality_vs_steps") else 1, figsize=(9, 3.4), squeeze=False)
+    ncol = 1 + bool(rep.get("quality_vs_steps")) + bool(rep.get("volume_size"))
+    fig, axes = plt.subplots(1, ncol, figsize=(4.5 * ncol, 3.4), squeeze=False)
     ax = axes[0, 0]
     ns = [r["proposals"] for r in rep["segment"]]
     ax.plot(ns, [r["seconds"] for r in rep["segment"]], "o-", label="ProGiDiff segment")
@@ -237,8 +295,19 @@ def write_markdown(rep: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    col = 1
+    if rep.get("volume_size"):
+        ax3 = axes[0, col]
+        col += 1
+        vs = rep["volume_size"]
+        ax3.plot([r["voxels"] / 1e6 for r in vs], [r["seconds"] for r in vs], "o-", label="end to end")
+        ax3.plot([r["voxels"] / 1e6 for r in vs], [r["denoiser_seconds"] for r in vs], "s--", label="denoiser")
+        ax3.set_xlabel(f"input voxels (millions), N = {vs[0]['proposals']}")
+        ax3.set_ylabel("seconds")
+        ax3.grid(alpha=0.3)
+        ax3.legend(fontsize=8)
     if rep.get("quality_vs_steps"):
-        ax2 = axes[0, 1]
+        ax2 = axes[0, col]
         q = rep["quality_vs_steps"]
         ax2.plot([x["steps"] for x in q], [x["dice_ranked_first"] for x in q], "o-")
         ax2.set_xscale("log")

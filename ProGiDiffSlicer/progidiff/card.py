@@ -37,15 +37,17 @@ def render(card: dict) -> str:
     for dataset, m in card.get("metrics", {}).items():
         lines += ["", f"## Measured on `{dataset}`", ""]
         lines += [f"- {k}: {v}" for k, v in m.get("evaluated_on", {}).items()]
+        base = "baseline" in md if (md := m["mean_dice"]) else False
         lines += [f"- {m['proposals']} proposals, {m['steps']} steps, {m['device']}; command: `{m['command']}`", "",
-                  "| organ | ranked-first Dice | HD95 mm | consensus Dice | best-of-N Dice | RandTop-3 Dice | GED |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| organ | ranked-first Dice | HD95 mm | consensus Dice | best-of-N Dice | RandTop-3 Dice | GED |"
+                  + (" baseline UNet Dice |" if base else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if base else "")]
         for organ, o in m["organs"].items():
             lines.append(f"| {organ} | {o['ranked_first_dice']:.3f} | {o['ranked_first_hd95_mm']:.1f} | {o['consensus_dice']:.3f} | "
-                         f"{o['best_of_n_dice']:.3f} | {o['randtop3_dice']:.3f} | {o['ged']:.3f} |")
-        md = m["mean_dice"]
+                         f"{o['best_of_n_dice']:.3f} | {o['randtop3_dice']:.3f} | {o['ged']:.3f} |"
+                         + (f" {o.get('baseline_unet_dice', float('nan')):.3f} |" if base else ""))
         lines.append(f"| **mean** | **{md['ranked_first']:.3f}** | | **{md['consensus']:.3f}** | **{md['best_of_n']:.3f}** | "
-                     f"**{md['randtop3']:.3f}** | |")
+                     f"**{md['randtop3']:.3f}** | |" + (f" **{md['baseline']:.3f}** |" if base else ""))
     lines += ["", "Labels of the training/evaluation data are TotalSegmentator predictions, not manual annotations; "
               "one person per modality. Expect lower accuracy on other people, scanners and protocols.", ""]
     return "\n".join(lines)
@@ -55,6 +57,6 @@ def write_markdown(folder: Path) -> Path:
     for name in ("adapter_card.json", "model_card.json"):
         if (folder / name).is_file():
             out = folder / "README.md"
-            out.write_text(render(json.loads((folder / name).read_text(encoding="utf-8"))))
+            out.write_text(render(json.loads((folder / name).read_text(encoding="utf-8"))), encoding="utf-8")
             return out
     raise FileNotFoundError(folder)

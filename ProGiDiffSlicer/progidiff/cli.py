@@ -11,6 +11,9 @@ from typing import Sequence
 
 from .errors import ProGiDiffError
 
+#: Kept equal to engine.DEFAULT_STEPS (a test checks); not imported so that --help stays fast (no torch import).
+DEFAULT_STEPS = 4
+
 log = logging.getLogger("progidiff")
 
 EPILOG_SEGMENT = """example:
@@ -20,6 +23,7 @@ EPILOG_SEGMENT = """example:
 """
 EPILOG_TRAIN = """example:
   progidiff train ../shared/data/ct-abdomen -o my_model --organs liver spleen
+  progidiff train ../shared/data/ct-abdomen -o my_model-baseline-unet --baseline unet   # the deterministic baseline
   accelerate launch -m progidiff.cli train DATASET -o MODEL --mixed-precision bf16   # several GPUs
 """
 
@@ -62,6 +66,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints")
     p.add_argument("--workers", type=int, default=d.workers, help="data-loading worker processes")
+    p.add_argument("--stage1-data", choices=["masks", "images"], default=d.stage1_data,
+                   help="stage 1 pre-trains the base on the organ masks (a shape prior, default) or on the unlabelled "
+                        "scan slices (diffusion pre-training without labels)")
+    p.add_argument("--anatomical-guidance", action="store_true",
+                   help="give the model each slice's normalised body-axis position as an extra input")
+    p.add_argument("--baseline", choices=["unet"],
+                   help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
+                        "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
 
 
 def _holdout_from(folder: str) -> dict:
@@ -78,7 +90,9 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       lr=a.lr, seed=a.seed, holdout_fraction=a.holdout_fraction,
                       mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,
                       resume=a.resume, workers=a.workers, command="progidiff " + shlex.join(argv),
-                      modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale, holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None)
+                      modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale,
+                      holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
+                      stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline)
     out = train(cfg)
     print(f"model saved to {out}")
     return 0
@@ -92,7 +106,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM folders, or folders of them")
     p.add_argument("--prompt", required=True, help="the organ, e.g. liver, 'left kidney', hepatic, IVC")
     p.add_argument("-n", "--proposals", type=int, default=8, help="number of proposals N (default 8)")
-    p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument("--scheduler", default="dpm++", help="dpm++ (default) or ddim")
     p.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
@@ -190,7 +204,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", required=True, help="the edited mask (0/1 image on the scan's grid)")
     p.add_argument("--keep", required=True, help="voxels to keep exactly (0/1 image on the scan's grid)")
     p.add_argument("-n", "--proposals", type=int, default=8)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--strength", type=float, default=0.6, help="how much of the edited mask is re-noised (0-1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
@@ -317,12 +331,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model folder")
     p.add_argument("dataset", help="folder with imagesTr/, labelsTr/, dataset.json")
     p.add_argument("-n", "--proposals", type=_positive_int, default=8)
-    p.add_argument("--steps", type=_positive_int, default=8)
+    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--adapter", default="auto", help="LoRA adapter folder, 'auto' or 'none'")
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
     p.add_argument("--region-from", help="a model or adapter folder whose card names the held-out slabs to score on")
+    p.add_argument("--baseline", default="auto",
+                   help="baseline UNet folder to score beside the model; 'auto' (MODEL-baseline-unet beside MODEL, if "
+                        "present) or 'none'")
     p.add_argument("--simulate-edits", action="store_true",
                    help="also simulate an expert fixing the worst slice of the ranked-first proposal, then refine")
     p.add_argument("--into-card", action="store_true",
@@ -337,7 +354,7 @@ def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
     rep = evaluate(a.model, a.dataset, Path(a.output), proposals=a.proposals, steps=a.steps, seed=a.seed,
                    device=a.device, overwrite=a.overwrite, command="progidiff " + shlex.join(argv),
                    adapter=_adapter_arg(a.adapter), modality=a.modality, region_from=a.region_from,
-                   simulate_edits=a.simulate_edits)
+                   simulate_edits=a.simulate_edits, baseline=None if a.baseline == "none" else a.baseline)
     if a.into_card:
         from .evaluate import record_in_card
 

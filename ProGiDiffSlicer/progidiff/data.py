@@ -16,8 +16,8 @@ import torch
 
 from .errors import InputError
 from .prompts import Vocabulary
-from .volume import (GridSpec, context_slices, guess_modality, label_to_model_grid, model_grid, read_scan,
-                     to_model_grid)
+from .volume import (GridSpec, body_axis_coords, context_slices, guess_modality, label_to_model_grid, model_grid,
+                     read_scan, to_model_grid)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
 
 @dataclass
 class PreparedCase:
-    """One scan on the model grid: image (Z, H, W) in [0, 1], one mask per organ, world z per slice."""
+    """One scan on the model grid: image (Z, H, W) in [0, 1], one mask per organ, world z per slice
+    and body-axis coordinate per slice (anatomical guidance)."""
 
     name: str
     modality: str
@@ -80,6 +81,7 @@ class PreparedCase:
     grid: sitk.Image = field(repr=False)
     scan_image: sitk.Image = field(repr=False)
     label_image: sitk.Image | None = field(default=None, repr=False)
+    coords: np.ndarray | None = None
 
 
 def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, grid: GridSpec,
@@ -101,7 +103,8 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
             binary.CopyInformation(label_img)
             masks[organ.name] = label_to_model_grid(binary, ref)
     z0, sz, nz = ref.GetOrigin()[2], ref.GetSpacing()[2], ref.GetSize()[2]
-    return PreparedCase(entry.name, mod, image, masks, z0 + sz * np.arange(nz), ref, scan.image, label_img)
+    return PreparedCase(entry.name, mod, image, masks, z0 + sz * np.arange(nz), ref, scan.image, label_img,
+                        body_axis_coords(image))
 
 
 def augmentation(keys: tuple[str, str] = ("image", "label"), strong: bool = True):
@@ -145,13 +148,15 @@ class SliceDataset(torch.utils.data.Dataset):
     """Random 2.5D training slices, balanced over organs, with organ-free slices mixed in.
 
     Item ``i`` is drawn from an RNG seeded by (seed, i), so a run is reproducible and
-    ``--resume`` continues the same stream.
+    ``--resume`` continues the same stream. ``multilabel``: the label is every organ's mask
+    (O, H, W) in ``organs`` order (for the deterministic baseline), not the drawn organ's alone.
     """
 
     def __init__(self, cases: list[PreparedCase], organs: Sequence[str], context: int, length: int,
                  seed: int = 0, positive_fraction: float = 0.75, augment: bool = True,
-                 exclude_z: dict[str, list[tuple[float, float]]] | None = None) -> None:
+                 exclude_z: dict[str, list[tuple[float, float]]] | None = None, multilabel: bool = False) -> None:
         self.cases = cases
+        self.multilabel = multilabel
         self.organs = list(organs)
         self.context = context
         self.length = length
@@ -185,12 +190,17 @@ class SliceDataset(torch.utils.data.Dataset):
         else:
             zs = allowed
         z = int(zs[rng.integers(len(zs))])
-        item = {"image": self.stacks[ci][z].copy(), "label": mask3d[z][None].astype(np.float32)}
+        if self.multilabel:
+            empty = np.zeros(mask3d.shape[1:], np.float32)
+            label = np.stack([case.masks[o][z].astype(np.float32) if o in case.masks else empty for o in self.organs])
+        else:
+            label = mask3d[z][None].astype(np.float32)
+        item = {"image": self.stacks[ci][z].copy(), "label": label}
         if self.transform is not None:
             self.transform.set_random_state(seed=int(rng.integers(2**31)))
             item = self.transform(item)
         image = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32).clamp(0, 1)
         label = (torch.as_tensor(np.asarray(item["label"]), dtype=torch.float32) > 0.5).float()
-        coord = float((case.z_world[z] - case.z_world[0]) / max(1e-6, case.z_world[-1] - case.z_world[0]))
+        coord = float(case.coords[z]) if case.coords is not None else 0.5
         return {"image": image, "label": label, "organ": self.organs.index(organ),
                 "phrase": int(rng.integers(1 << 30)), "coord": torch.tensor(coord, dtype=torch.float32)}

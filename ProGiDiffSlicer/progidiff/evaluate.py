@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import read_dataset, z_ranges
-from .engine import Engine, SegmentOptions
+from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
 from .outputs import staging
 from .volume import read_scan
@@ -77,11 +77,16 @@ def holdout_of(folder: Path) -> dict:
     raise InputError(f"{folder}: holds neither a model card nor an adapter card.")
 
 
-def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, steps: int = 8, seed: int = 0,
+def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, steps: int = DEFAULT_STEPS, seed: int = 0,
              device: str = "auto", overwrite: bool = False, region: str = "auto", command: str = "",
              adapter: str | None = "auto", modality: str = "auto", region_from: str | None = None,
-             simulate_edits: bool = False) -> dict:
+             simulate_edits: bool = False, baseline: str | None = "auto") -> dict:
+    """baseline: a baseline folder, "auto" (``<model>-baseline-unet`` beside the model, if any) or None."""
+    from .baseline import Baseline, find_baseline
+
     engine = Engine(model_dir, device=device, adapter=adapter)
+    base_dir = find_baseline(engine.model_dir) if baseline == "auto" else (Path(baseline) if baseline else None)
+    base_net = Baseline(base_dir, engine.device) if base_dir else None
     info = read_dataset(dataset)
     card = engine.card
     modality = modality if modality != "auto" else (info.modality or "auto")
@@ -150,6 +155,9 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                     "reference_ml": float(ref.sum()) * scan.voxel_volume_ml,
                     "seconds": res.seconds,
                 }
+                if base_net is not None and organ_name in base_net.organs:
+                    b = dice_hd95(base_net.segment(scan, organ_name, modality) & keep, ref, sp)
+                    metrics["baseline"] = {"dice": b[0], "hd95": b[1]}
                 if simulate_edits:
                     metrics["edit"] = simulate_edit(engine, scan, organ.display, res, ref, keep, sp, proposals, steps, seed,
                                                     modality)
@@ -158,6 +166,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         bar.close()
         report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command)
         report["adapter"] = locals().get("used_adapter")
+        report["baseline"] = str(base_dir) if base_net is not None else None
         report["modality"] = modality
         (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
@@ -202,6 +211,9 @@ def _summarise(rows, regions, engine, dataset, n, steps, seconds, command) -> di
         rs = [r.metrics for r in rows if r.organ == name]
         organs[name] = {m: {"dice": _nanmean([r[m]["dice"] for r in rs]), "hd95": _nanmean([r[m]["hd95"] for r in rs])}
                         for m in METHODS}
+        if all("baseline" in r for r in rs):
+            organs[name]["baseline"] = {"dice": _nanmean([r["baseline"]["dice"] for r in rs]),
+                                        "hd95": _nanmean([r["baseline"]["hd95"] for r in rs])}
         organs[name]["ged"] = _nanmean([r["ged"] for r in rs])
         organs[name]["agreement"] = _nanmean([r["agreement"] for r in rs])
         organs[name]["cases"] = len(rs)
@@ -210,6 +222,8 @@ def _summarise(rows, regions, engine, dataset, n, steps, seconds, command) -> di
                                     "dice_after": _nanmean([r["edit"]["dice_after"] for r in rs]),
                                     "kept_voxels_unchanged": all(r["edit"]["kept_voxels_unchanged"] for r in rs)}
     mean = {m: _nanmean([o[m]["dice"] for o in organs.values()]) for m in METHODS}
+    if organs and all("baseline" in o for o in organs.values()):
+        mean["baseline"] = _nanmean([o["baseline"]["dice"] for o in organs.values()])
     return {"model": str(engine.model_dir), "dataset": str(dataset), "proposals": n, "steps": steps,
             "device": str(engine.device), "seconds": round(seconds, 1), "command": command,
             "evaluated_on": regions, "organs": organs, "mean_dice": mean,
@@ -221,15 +235,22 @@ def _markdown(rep: dict) -> str:
              f"Dataset `{rep['dataset']}`, {rep['proposals']} proposals, {rep['steps']} steps, device {rep['device']}, "
              f"{rep['seconds']:.0f} s.", "", "Evaluated on:"]
     lines += [f"- `{k}`: {v}" for k, v in rep["evaluated_on"].items()]
-    lines += ["", "| organ | ranked-first Dice | HD95 mm | consensus Dice | HD95 mm | best-of-N Dice | RandTop-3 Dice | GED | agreement |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    has_base = "baseline" in rep["mean_dice"]
+    if has_base:
+        lines += [f"- baseline: deterministic MONAI UNet `{Path(rep['baseline']).name}` (same data, transforms and budget)"]
+    head = "| organ | ranked-first Dice | HD95 mm | consensus Dice | HD95 mm | best-of-N Dice | RandTop-3 Dice | GED | agreement |"
+    lines += ["", head + (" baseline UNet Dice | HD95 mm |" if has_base else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if has_base else "")]
     for name, o in rep["organs"].items():
-        lines.append(f"| {name} | {o['ranked_first']['dice']:.3f} | {o['ranked_first']['hd95']:.1f} | {o['consensus']['dice']:.3f} | "
-                     f"{o['consensus']['hd95']:.1f} | {o['best_of_n']['dice']:.3f} | {o['randtop3']['dice']:.3f} | "
-                     f"{o['ged']:.3f} | {o['agreement']:.3f} |")
+        row = (f"| {name} | {o['ranked_first']['dice']:.3f} | {o['ranked_first']['hd95']:.1f} | {o['consensus']['dice']:.3f} | "
+               f"{o['consensus']['hd95']:.1f} | {o['best_of_n']['dice']:.3f} | {o['randtop3']['dice']:.3f} | "
+               f"{o['ged']:.3f} | {o['agreement']:.3f} |")
+        if has_base:
+            row += f" {o['baseline']['dice']:.3f} | {o['baseline']['hd95']:.1f} |"
+        lines.append(row)
     m = rep["mean_dice"]
     lines.append(f"| **mean** | **{m['ranked_first']:.3f}** | | **{m['consensus']:.3f}** | | **{m['best_of_n']:.3f}** | "
-                 f"**{m['randtop3']:.3f}** | | |")
+                 f"**{m['randtop3']:.3f}** | | |" + (f" **{m['baseline']:.3f}** | |" if has_base else ""))
     if any("edit" in o for o in rep["organs"].values()):
         lines += ["", "Simulated expert edit (the ranked-first proposal corrected on its worst slice, then `refine`):", "",
                   "| organ | Dice before | Dice after refine | kept voxels unchanged |", "|---|---|---|---|"]
@@ -250,13 +271,15 @@ def _figure(rep: dict, path: Path) -> None:
     names = list(rep["organs"])
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.6))
-    w = 0.2
-    for i, m in enumerate(METHODS):
-        ax.bar(x + (i - 1.5) * w, [rep["organs"][n][m]["dice"] for n in names], w, label=m.replace("_", " "))
+    methods = list(METHODS) + (["baseline"] if "baseline" in rep["mean_dice"] else [])
+    w = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ax.bar(x + (i - (len(methods) - 1) / 2) * w, [rep["organs"][n][m]["dice"] for n in names], w,
+               label=m.replace("_", " ") + (" UNet" if m == "baseline" else ""))
     ax.set_xticks(x, [n.replace("_", " ") for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice")
-    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    ax.legend(fontsize=7, ncol=len(methods), loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"{Path(rep['model']).name}: Dice per organ ({rep['proposals']} proposals)", fontsize=9)
     fig.tight_layout()
@@ -274,7 +297,8 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
         "device": rep["device"], "command": rep["command"], "mean_dice": rep["mean_dice"],
         "organs": {k: {"ranked_first_dice": round(v["ranked_first"]["dice"], 4), "ranked_first_hd95_mm": round(v["ranked_first"]["hd95"], 2),
                        "consensus_dice": round(v["consensus"]["dice"], 4), "best_of_n_dice": round(v["best_of_n"]["dice"], 4),
-                       "randtop3_dice": round(v["randtop3"]["dice"], 4), "ged": round(v["ged"], 4)}
+                       "randtop3_dice": round(v["randtop3"]["dice"], 4), "ged": round(v["ged"], 4),
+                       **({"baseline_unet_dice": round(v["baseline"]["dice"], 4)} if "baseline" in v else {})}
                    for k, v in rep["organs"].items()},
     }
     card_path.write_text(json.dumps(card, indent=2), encoding="utf-8")

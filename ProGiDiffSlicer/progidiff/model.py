@@ -120,7 +120,11 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
                  num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
                  text_encoder: str = DEFAULT_TEXT_ENCODER, text_max_length: int = 8,
                  grid_spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
-                 grid_size: tuple[int, int] = (96, 96), context: int = 1) -> None:
+                 grid_size: tuple[int, int] = (96, 96), context: int = 1,
+                 anatomical_guidance: bool = False) -> None:
+        """anatomical_guidance: the slice's normalised body-axis position (0 = most inferior body
+        slice, 1 = most superior; ``volume.body_axis_coords``) enters the image encoder as one
+        more, constant, channel (after Kurmukov et al., arXiv 2501.19265)."""
         super().__init__()
         unet_config = dict(unet_config or small_unet_config())
         self.unet = UNet2DConditionModel.from_config(unet_config)
@@ -128,7 +132,8 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
         self.vae = AutoencoderKL.from_config(vae_config) if codec == "vae" else None
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if codec == "vae" else 1
         self.controlnet.controlnet_cond_embedding = ImageEncoder(
-            image_channels, self.unet.config.block_out_channels[0], tuple(encoder_channels), downsample=factor)
+            image_channels + int(anatomical_guidance), self.unet.config.block_out_channels[0], tuple(encoder_channels),
+            downsample=factor)
         self.latent_factor = factor
 
     # ---- codec -------------------------------------------------------------------------
@@ -159,7 +164,8 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
                 coord: torch.Tensor | None = None) -> torch.Tensor:
         """Model output (x0 for prediction_type 'sample'); ``image=None`` runs the base alone.
 
-        text_states: token states (B, L, D), or a tuple (token states, pooled embedding (B, D))."""
+        text_states: token states (B, L, D), or a tuple (token states, pooled embedding (B, D)).
+        coord: (B,) body-axis positions in [0, 1]; required by a model with anatomical guidance."""
         pooled = None
         if isinstance(text_states, (tuple, list)):
             text_states, pooled = text_states
@@ -169,6 +175,11 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
                 text_states.shape[0], self.unet.config.projection_class_embeddings_input_dim)
         if image is None:
             return self.unet(x_t, t, encoder_hidden_states=text_states, class_labels=class_labels).sample
+        if self.config.anatomical_guidance:
+            if coord is None:
+                raise ValueError("this model uses anatomical guidance: pass the slices' body-axis coordinates")
+            plane = coord.to(image.dtype).reshape(-1, 1, 1, 1).expand(image.shape[0], 1, *image.shape[-2:])
+            image = torch.cat([image, plane], dim=1)
         down, mid = self.controlnet(x_t, t, encoder_hidden_states=text_states, controlnet_cond=image,
                                     class_labels=class_labels, return_dict=False)
         return self.unet(x_t, t, encoder_hidden_states=text_states, class_labels=class_labels,

@@ -45,12 +45,32 @@ def auto_batch_size(device: torch.device, grid_pixels: int) -> int:
     return 32
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision the denoiser runs in, or None for fp32.
+
+    CUDA: bf16. CPU: bf16 only where the processor computes it natively (AVX512-BF16/AMX,
+    as oneDNN reports); elsewhere it would be emulated and slower. Measured on a 2-core
+    AMD EPYC with AVX512-BF16: 19.2 → 13.0 ms per slice-evaluation at batch 32, with 8 in a
+    million mask pixels changed. ``PROGIDIFF_CPU_BF16=0`` forces fp32 on the CPU."""
+    import os
+
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and os.environ.get("PROGIDIFF_CPU_BF16", "1") != "0":
+        try:
+            if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return torch.bfloat16
+        except (AttributeError, RuntimeError):
+            pass
+    return None
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def sample_proposals(model, images: np.ndarray | torch.Tensor, text_states: torch.Tensor, seeds: Sequence[int],
-                     steps: int = 8, scheduler: str = "dpm++", device: torch.device | str = "cpu",
+                     steps: int = 4, scheduler: str = "dpm++", device: torch.device | str = "cpu",
                      batch_size: int | None = None, progress: ProgressFn | None = None,
                      cancel: threading.Event | None = None, coords: np.ndarray | None = None,
                      init_mask: np.ndarray | None = None, strength: float = 1.0,
@@ -62,6 +82,7 @@ def sample_proposals(model, images: np.ndarray | torch.Tensor, text_states: torc
     init_mask (S, H, W) + strength < 1: start from the noised mask (re-sample around it).
     keep_mask (S, H, W) bool: those pixels are replaced by init_mask at every step
     (known-region replacement, RePaint-style), so they come out exactly as given.
+    coords (S,): the slices' body-axis positions, for a model with anatomical guidance.
     """
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}.")
@@ -112,7 +133,7 @@ def sample_proposals(model, images: np.ndarray | torch.Tensor, text_states: torc
     def text_for(n: int):
         return (tok.expand(n, -1, -1), pooled.expand(n, -1)) if pooled is not None else tok.expand(n, -1, -1)
 
-    use_amp = device.type == "cuda"
+    amp_dtype = autocast_dtype(device)
     run_steps = timesteps[start:]
     total = len(run_steps) * N * S
     done = 0
@@ -125,7 +146,8 @@ def sample_proposals(model, images: np.ndarray | torch.Tensor, text_states: torc
             j = min(N * S, i + bs)
             idx = torch.arange(i, j) % S
             try:
-                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                                                            enabled=amp_dtype is not None):
                     o = model(x[i:j].to(device), t.repeat(j - i).to(device), text_for(j - i),
                               imgs[idx].to(device), coord_t[idx].to(device) if coord_t is not None else None)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:

@@ -64,6 +64,14 @@ class TrainConfig:
     finetune_base: bool = False
     base_lr_scale: float = 0.1
     init_from: str | None = None  # a state_dict (.pt) to start stage 2 from
+    #: What stage 1 pre-trains the base denoiser on: "masks" (a text-conditioned prior of the
+    #: organs' shapes) or "images" (diffusion pre-training on the unlabelled scan slices
+    #: themselves, no labels used). See docs/evaluation/ablation for which helps.
+    stage1_data: str = "masks"
+    #: The slice's normalised body-axis position as an extra input (Kurmukov et al.).
+    anatomical_guidance: bool = False
+    #: "unet": train the deterministic MONAI UNet baseline instead (same data, transforms, budget).
+    baseline: str | None = None
     resume: bool = False
     workers: int = 1
     command: str = ""
@@ -114,7 +122,7 @@ def build_model(cfg: TrainConfig, text_hidden: int) -> ProGiDiffModel:
     return ProGiDiffModel(unet_config=unet_cfg, image_channels=2 * cfg.context + 1,
                           encoder_channels=tuple(cfg.encoder_channels),
                           grid_spacing=tuple(cfg.grid_spacing), grid_size=(cfg.grid_size, cfg.grid_size),
-                          context=cfg.context)
+                          context=cfg.context, anatomical_guidance=cfg.anatomical_guidance)
 
 
 def _collate_text(batch: dict, table: tuple[torch.Tensor, torch.Tensor], counts: torch.Tensor,
@@ -153,6 +161,14 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise InputError(f"{cfg.dataset}: no case has a label file in labelsTr/.")
     log.info("prepared %d case(s) in %.1fs", len(cases), time.time() - t0)
     slabs = cfg.holdout_z or holdout_slabs(cases, cfg.organs, cfg.holdout_fraction)
+    if cfg.baseline:
+        if cfg.baseline != "unet":
+            raise InputError(f"Unknown baseline {cfg.baseline!r}; the one baseline is 'unet'.")
+        from .baseline import train_baseline
+
+        return train_baseline(cfg, cases, slabs, t0, progress=progress)
+    if cfg.stage1_data not in ("masks", "images"):
+        raise InputError(f"--stage1-data must be masks or images, got {cfg.stage1_data!r}.")
 
     if cfg.base_model:
         encoder = TextEncoder(Path(cfg.base_model) / "text_encoder", max_length=16,
@@ -161,6 +177,8 @@ def train(cfg: TrainConfig, progress: bool = True,
         encoder = TextEncoder(max_length=8)
     model = build_model(cfg, encoder.hidden_size)
     table, counts = phrase_table(encoder, vocab, cfg.organs)
+    # Unlabelled slices carry no organ: stage 1 on images is conditioned on one neutral phrase.
+    unlabelled_text = encoder.conditioning([f"axial {cases[0].modality} slice of the abdomen"])
     scheduler = DDPMScheduler(num_train_timesteps=model.config.num_train_timesteps,
                               beta_schedule=model.config.beta_schedule, prediction_type="sample")
     dice = DiceLoss(batch=True)
@@ -194,8 +212,10 @@ def train(cfg: TrainConfig, progress: bool = True,
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4)
         lr_sched = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps)
+        # Unlabelled pre-training must not pick slices by their labels: every body slice alike.
         ds = SliceDataset(cases, cfg.organs, cfg.context, length=steps * cfg.batch_size * accelerator.num_processes,
-                          seed=cfg.seed * 1000 + stage, exclude_z=slabs)
+                          seed=cfg.seed * 1000 + stage, exclude_z=slabs,
+                          positive_fraction=0.0 if stage == 1 and cfg.stage1_data == "images" else 0.75)
         sampler = torch.utils.data.SequentialSampler(range(start * cfg.batch_size * accelerator.num_processes, len(ds)))
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(ds, list(sampler)), batch_size=cfg.batch_size, num_workers=cfg.workers,
@@ -215,9 +235,18 @@ def train(cfg: TrainConfig, progress: bool = True,
                 writer.writerow(["stage", "step", "loss", "mse", "dice", "lr", "seconds"])
             for batch in loader:
                 label = batch["label"]
-                with torch.no_grad():
-                    x0 = accelerator.unwrap_model(pmodel).encode_mask(label)
-                text = tuple(v.to(x0.device) for v in _collate_text(batch, table, counts, gen))
+                unlabelled = stage == 1 and cfg.stage1_data == "images"
+                if unlabelled:
+                    # The centre slice in [-1, 1] as the "mask" to denoise: the base learns the
+                    # scans' own structure without any label (the same range as encode_mask).
+                    c = batch["image"].shape[1] // 2
+                    x0 = batch["image"][:, c:c + 1] * 2 - 1
+                    n = x0.shape[0]
+                    text = (unlabelled_text[0].expand(n, -1, -1).to(x0.device), unlabelled_text[1].expand(n, -1).to(x0.device))
+                else:
+                    with torch.no_grad():
+                        x0 = accelerator.unwrap_model(pmodel).encode_mask(label)
+                    text = tuple(v.to(x0.device) for v in _collate_text(batch, table, counts, gen))
                 noise = torch.randn(x0.shape, generator=gen).to(x0.device)
                 u = torch.rand(x0.shape[0], generator=gen) ** cfg.high_noise_power
                 t = (u * (scheduler.config.num_train_timesteps - 1)).round().long().to(x0.device)
@@ -225,7 +254,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                 with accelerator.autocast():
                     pred = pmodel(x_t, t, text, batch["image"] if stage == 2 else None, batch["coord"])
                 mse = torch.nn.functional.mse_loss(pred.float(), x0)
-                if model.vae is None:
+                if model.vae is None and not unlabelled:
                     dl = dice(((pred.float().clamp(-1, 1) + 1) / 2), label)
                 else:
                     dl = torch.zeros((), device=mse.device)

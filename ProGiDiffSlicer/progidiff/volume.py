@@ -312,6 +312,25 @@ def context_slices(volume: np.ndarray, context: int) -> np.ndarray:
     return volume[idx]
 
 
+def body_slices(volume: np.ndarray) -> np.ndarray:
+    """Indices of the model-grid slices that hold body (not only air/background)."""
+    return np.nonzero(volume.reshape(volume.shape[0], -1).max(1) > 0.05)[0]
+
+
+def body_axis_coords(volume: np.ndarray) -> np.ndarray:
+    """Each slice's normalised position along the body axis: 0 at the most inferior slice
+    with body, 1 at the most superior (the model grid runs inferior → superior).
+
+    The cheap estimate of anatomical guidance: it needs no model, but it is relative to the
+    scan's field of view, so a scan that covers another part of the body shifts it
+    (the ablation in docs/evaluation/ablation measures what that costs)."""
+    idx = body_slices(volume)
+    z = np.arange(volume.shape[0], dtype=np.float32)
+    if len(idx) < 2:
+        return np.full(volume.shape[0], 0.5, np.float32)
+    return np.clip((z - idx.min()) / float(idx.max() - idx.min()), 0.0, 1.0).astype(np.float32)
+
+
 def array_to_image(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(arr)
     img.CopyInformation(like)

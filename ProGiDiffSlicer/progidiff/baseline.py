@@ -1,0 +1,154 @@
+"""The deterministic baseline: a MONAI 2D ``UNet`` trained on the same data, transforms and
+budget as the diffusion model (``progidiff train --baseline unet``), so that every evaluation
+can show ProGiDiff against it.
+
+One network predicts every organ at once (one sigmoid channel per organ, overlaps allowed),
+from the same 2.5D model-grid slices; its output goes through the same largest-component
+post-processing and the same resampling back to the scan's grid as the proposals.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .errors import InputError, ModelError
+from .model import sha256
+from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, from_model_grid, guess_modality,
+                     model_grid, to_model_grid)
+
+log = logging.getLogger(__name__)
+
+BASELINE_WEIGHTS = "baseline.safetensors"
+BASELINE_CARD = "baseline_card.json"
+#: Suffix of the folder beside a model where `evaluate` looks for its baseline.
+BASELINE_SUFFIX = "-baseline-unet"
+
+
+def build_unet(in_channels: int, out_channels: int, channels: Sequence[int]) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=tuple(channels),
+                strides=tuple([2] * (len(channels) - 1)), num_res_units=1, norm="batch")
+
+
+def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True) -> Path:
+    """Train the baseline into ``cfg.output`` with the diffusion run's data, transforms and
+    budget (stage 1 + stage 2 steps, same batch size and learning rate)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from monai.losses import DiceCELoss
+
+    from .data import SliceDataset
+    from .prompts import Vocabulary
+
+    torch.manual_seed(cfg.seed)
+    organs = list(cfg.organs)
+    in_ch = 2 * cfg.context + 1 + int(cfg.anatomical_guidance)
+    net = build_unet(in_ch, len(organs), cfg.channels)
+    steps = cfg.stage1_steps + cfg.stage2_steps
+    ds = SliceDataset(cases, organs, cfg.context, length=steps * cfg.batch_size, seed=cfg.seed * 1000 + 7,
+                      exclude_z=slabs, multilabel=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         worker_init_fn=lambda _: torch.set_num_threads(1))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    lr_sched = get_cosine_schedule_with_warmup(opt, min(100, steps // 10), steps)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    net.train()
+    with open(out / "train_log.csv", "w", newline="", encoding="utf-8") as logf:
+        writer = csv.writer(logf)
+        writer.writerow(["step", "loss", "lr", "seconds"])
+        for step, batch in enumerate(tqdm(loader, total=steps, desc="baseline unet", disable=not progress,
+                                          dynamic_ncols=True), 1):
+            x = batch["image"]
+            if cfg.anatomical_guidance:
+                x = torch.cat([x, batch["coord"].reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[-2:])], 1)
+            loss = loss_fn(net(x), batch["label"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad()
+            writer.writerow([step, f"{loss.item():.5f}", f"{lr_sched.get_last_lr()[0]:.2e}", f"{time.time() - t0:.1f}"])
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(out / BASELINE_WEIGHTS))
+    vocab = Vocabulary.load()
+    card = {
+        "kind": "baseline-unet", "modality": cases[0].modality, "organs": organs,
+        "vocabulary": vocab.subset(organs).to_dict(),
+        "network": {"class": "monai.networks.nets.UNet", "in_channels": in_ch, "channels": list(cfg.channels),
+                    "num_res_units": 1, "anatomical_guidance": bool(cfg.anatomical_guidance)},
+        "grid": {"spacing_mm": list(cfg.grid_spacing), "size": [cfg.grid_size, cfg.grid_size], "context": cfg.context},
+        "training": {"command": cfg.command, "dataset": str(cfg.dataset), "cases": [c.name for c in cases],
+                     "steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds": round(time.time() - t0, 1),
+                     "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()}},
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "sha256": {BASELINE_WEIGHTS: sha256(out / BASELINE_WEIGHTS)},
+    }
+    (out / BASELINE_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
+    log.info("baseline UNet saved to %s after %.0fs", out, time.time() - t0)
+    return out
+
+
+def find_baseline(model_dir: Path) -> Path | None:
+    """The baseline trained beside a model (``<model>-baseline-unet``), if there is one."""
+    cand = model_dir.parent / f"{model_dir.name}{BASELINE_SUFFIX}"
+    return cand if (cand / BASELINE_CARD).is_file() else None
+
+
+class Baseline:
+    """A loaded baseline UNet: ``segment(scan, organ)`` → mask on the scan's grid."""
+
+    def __init__(self, folder: str | Path, device: torch.device | str = "cpu") -> None:
+        d = Path(folder)
+        if not (d / BASELINE_CARD).is_file() or not (d / BASELINE_WEIGHTS).is_file():
+            raise ModelError(f"{d}: not a baseline folder (no {BASELINE_CARD} / {BASELINE_WEIGHTS}); "
+                             "make one with `progidiff train DATASET --baseline unet -o DIR`.")
+        self.folder = d
+        self.card = json.loads((d / BASELINE_CARD).read_text(encoding="utf-8"))
+        want = self.card.get("sha256", {}).get(BASELINE_WEIGHTS)
+        if want and sha256(d / BASELINE_WEIGHTS) != want:
+            raise ModelError(f"{d / BASELINE_WEIGHTS}: its sha256 does not match the card; copy the folder again.")
+        net_cfg = self.card["network"]
+        self.organs = list(self.card["organs"])
+        self.net = build_unet(net_cfg["in_channels"], len(self.organs), net_cfg["channels"])
+        self.net.load_state_dict(load_file(str(d / BASELINE_WEIGHTS)))
+        self.device = torch.device(device)
+        self.net.to(self.device).eval()
+        g = self.card["grid"]
+        self.grid = GridSpec(tuple(g["spacing_mm"]), tuple(g["size"]))
+        self.context = int(g["context"])
+        self.guidance = bool(net_cfg.get("anatomical_guidance", False))
+
+    def segment(self, scan: Scan, organ: str, modality: str = "auto", keep_largest: bool = True) -> np.ndarray:
+        """Binary mask (array order of the scan) of ``organ`` (a vocabulary name)."""
+        if organ not in self.organs:
+            raise InputError(f"The baseline was not trained for {organ}; it knows {', '.join(self.organs)}.")
+        mod = guess_modality(scan)[0] if modality == "auto" else modality
+        ref = model_grid(scan.image, self.grid, mod)
+        vol = to_model_grid(scan.image, ref, mod)
+        stack = torch.as_tensor(context_slices(vol, self.context))
+        if self.guidance:
+            c = torch.as_tensor(body_axis_coords(vol)).reshape(-1, 1, 1, 1).expand(len(vol), 1, *vol.shape[1:])
+            stack = torch.cat([stack, c], 1)
+        idx = body_slices(vol)
+        prob = np.zeros(vol.shape, np.float32)
+        ch = self.organs.index(organ)
+        with torch.inference_mode():
+            for i in range(0, len(idx), 64):
+                sel = idx[i:i + 64]
+                prob[sel] = torch.sigmoid(self.net(stack[sel].to(self.device))[:, ch]).float().cpu().numpy()
+        if keep_largest:
+            from .engine import _keep_largest
+
+            prob = _keep_largest(prob[None], prob[None] > 0.5)[0][0]
+        return from_model_grid(prob, ref, scan.image)

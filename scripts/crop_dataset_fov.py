@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Copy an nnU-Net-style dataset with every scan (and label) cropped to a world-z range,
+to test a model on another field of view of the same scans (as another hospital's
+protocol would cover another part of the body).
+
+example:
+  python scripts/crop_dataset_fov.py ../shared/data/ct-abdomen /tmp/ct-upper --z-min 250
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def crop_z(image: sitk.Image, z_min: float, z_max: float) -> sitk.Image:
+    """The slab of ``image`` whose voxel centres lie in [z_min, z_max] mm (world z), along the
+    image axis closest to world z; the geometry (origin, direction, spacing) is kept exact."""
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    axis = int(np.argmax(np.abs(d[2, :])))
+    size = list(image.GetSize())
+    centre = [s // 2 for s in size]
+    zs = []
+    for k in range(size[axis]):
+        idx = list(centre)
+        idx[axis] = k
+        zs.append(image.TransformIndexToPhysicalPoint(idx)[2])
+    keep = [k for k, z in enumerate(zs) if z_min <= z <= z_max]
+    if not keep:
+        raise SystemExit(f"no slice of the image lies in z [{z_min}, {z_max}] mm")
+    lo, hi = min(keep), max(keep)
+    index = [0, 0, 0]
+    index[axis] = lo
+    out_size = list(size)
+    out_size[axis] = hi - lo + 1
+    return sitk.RegionOfInterest(image, out_size, index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset")
+    p.add_argument("output")
+    p.add_argument("--z-min", type=float, default=-1e9, help="lowest world z (mm) to keep")
+    p.add_argument("--z-max", type=float, default=1e9, help="highest world z (mm) to keep")
+    a = p.parse_args(argv)
+    src, dst = Path(a.dataset), Path(a.output)
+    for sub in ("imagesTr", "labelsTr"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / sub).glob("*.nii*")):
+            sitk.WriteImage(crop_z(sitk.ReadImage(str(f)), a.z_min, a.z_max), str(dst / sub / f.name))
+    shutil.copy(src / "dataset.json", dst / "dataset.json")
+    print(f"cropped dataset written to {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
