@@ -130,3 +130,19 @@ def test_shipped_models_are_small_documented_and_load(shipped_model):
             "inferior_vena_cava"} <= set(card["organs"])
     assert card["metrics"], "measured numbers belong in the model card"
     ProGiDiffModel.from_pretrained(shipped_model)  # sha256 verified on load
+
+
+def test_shipped_baseline_is_documented_and_loads(shipped_model):
+    """The deterministic UNet shipped beside the default model, which evaluate scores beside it."""
+    from progidiff.baseline import BASELINE_CARD, Baseline, find_baseline
+
+    folder = find_baseline(shipped_model)
+    assert folder is not None, "Resources/Models/<model>-baseline-unet is missing"
+    card = json.loads((folder / BASELINE_CARD).read_text(encoding="utf-8"))
+    assert card["training"]["command"].startswith("progidiff train") and "--baseline unet" in card["training"]["command"]
+    model_card = json.loads((shipped_model / CARD_NAME).read_text(encoding="utf-8"))
+    assert card["training"]["holdout_z_mm"] == model_card["training"]["holdout_z_mm"]  # same held-out slab
+    cfg = model_card["training"]["config"]
+    assert card["training"]["steps"] == cfg["stage1_steps"] + cfg["stage2_steps"]    # same budget
+    assert (folder / "README.md").is_file()
+    assert set(Baseline(folder).organs) == set(model_card["organs"])

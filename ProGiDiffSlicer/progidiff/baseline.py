@@ -43,19 +43,22 @@ def build_unet(in_channels: int, out_channels: int, channels: Sequence[int]) -> 
 def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True) -> Path:
     """Train the baseline into ``cfg.output`` with the diffusion run's data, transforms and
     budget (stage 1 + stage 2 steps, same batch size and learning rate)."""
+    from accelerate import Accelerator
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from monai.losses import DiceCELoss
 
     from .data import SliceDataset
     from .prompts import Vocabulary
 
+    # The same accelerate set-up as the diffusion model: `accelerate launch` shares the batches over GPUs.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     organs = list(cfg.organs)
     in_ch = 2 * cfg.context + 1 + int(cfg.anatomical_guidance)
     net = build_unet(in_ch, len(organs), cfg.channels)
     steps = cfg.stage1_steps + cfg.stage2_steps
-    ds = SliceDataset(cases, organs, cfg.context, length=steps * cfg.batch_size, seed=cfg.seed * 1000 + 7,
-                      exclude_z=slabs, multilabel=True)
+    ds = SliceDataset(cases, organs, cfg.context, length=steps * cfg.batch_size * accelerator.num_processes,
+                      seed=cfg.seed * 1000 + 7, exclude_z=slabs, multilabel=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                          worker_init_fn=lambda _: torch.set_num_threads(1))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -63,28 +66,38 @@ def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True) ->
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    net.train()
-    with open(out / "train_log.csv", "w", newline="", encoding="utf-8") as logf:
+    pnet, opt, loader, lr_sched = accelerator.prepare(net, opt, loader, lr_sched)
+    pnet.train()
+    main = accelerator.is_main_process
+    with open(out / "train_log.csv", "w" if main else "a", newline="", encoding="utf-8") as logf:
         writer = csv.writer(logf)
-        writer.writerow(["step", "loss", "lr", "seconds"])
-        for step, batch in enumerate(tqdm(loader, total=steps, desc="baseline unet", disable=not progress,
+        if main:
+            writer.writerow(["step", "loss", "lr", "seconds"])
+        for step, batch in enumerate(tqdm(loader, total=steps, desc="baseline unet", disable=not (progress and main),
                                           dynamic_ncols=True), 1):
             x = batch["image"]
             if cfg.anatomical_guidance:
                 x = torch.cat([x, batch["coord"].reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[-2:])], 1)
-            loss = loss_fn(net(x), batch["label"])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            with accelerator.autocast():
+                loss = loss_fn(pnet(x).float(), batch["label"])
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(pnet.parameters(), 1.0)
             opt.step()
             lr_sched.step()
             opt.zero_grad()
-            writer.writerow([step, f"{loss.item():.5f}", f"{lr_sched.get_last_lr()[0]:.2e}", f"{time.time() - t0:.1f}"])
+            if main:
+                writer.writerow([step, f"{loss.item():.5f}", f"{lr_sched.get_last_lr()[0]:.2e}", f"{time.time() - t0:.1f}"])
+    accelerator.wait_for_everyone()
+    net = accelerator.unwrap_model(pnet)
+    if not main:
+        return out
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(out / BASELINE_WEIGHTS))
     vocab = Vocabulary.load()
     card = {
         "kind": "baseline-unet", "modality": cases[0].modality, "organs": organs,
         "vocabulary": vocab.subset(organs).to_dict(),
+        "processes": accelerator.num_processes,
         "network": {"class": "monai.networks.nets.UNet", "in_channels": in_ch, "channels": list(cfg.channels),
                     "num_res_units": 1, "anatomical_guidance": bool(cfg.anatomical_guidance)},
         "grid": {"spacing_mm": list(cfg.grid_spacing), "size": [cfg.grid_size, cfg.grid_size], "context": cfg.context},
@@ -95,8 +108,26 @@ def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True) ->
         "sha256": {BASELINE_WEIGHTS: sha256(out / BASELINE_WEIGHTS)},
     }
     (out / BASELINE_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
+    (out / "README.md").write_text(render_card(card), encoding="utf-8")
     log.info("baseline UNet saved to %s after %.0fs", out, time.time() - t0)
     return out
+
+
+def render_card(card: dict) -> str:
+    """The baseline's card as Markdown (its measured numbers sit in the evaluation reports and in
+    the card of the diffusion model it is compared with, as the "baseline UNet" column)."""
+    t, n = card["training"], card["network"]
+    return "\n".join([
+        f"# Baseline: deterministic MONAI UNet ({', '.join(card['organs'])})", "",
+        f"`{n['class']}` (2D, {card['parameters']:,} parameters, {n['in_channels']} input channels: the slice and its "
+        f"neighbours{' and the body-axis coordinate' if n.get('anatomical_guidance') else ''}; one sigmoid output per organ), "
+        "trained on the same slices, augmentation and number of optimisation steps as the diffusion model it is compared with.",
+        "", "## Training", "",
+        f"- Command: `{t['command']}`", f"- Data: `{t['dataset']}`, cases {', '.join(t['cases'])}",
+        f"- {t['steps']} steps, batch {t['batch_size']}, lr {t['lr']}; wall time {t['seconds'] / 60:.1f} min on the CPU",
+        f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}", "",
+        "Measured numbers: the `baseline UNet` column of `progidiff evaluate` (it finds this folder beside the model "
+        "as `<model>-baseline-unet`).", ""])
 
 
 def find_baseline(model_dir: Path) -> Path | None:
