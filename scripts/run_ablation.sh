@@ -4,7 +4,7 @@
 # reduced budget on ../shared/data/ct-abdomen with the central 20 % slab held out, plus the
 # deterministic UNet baseline with that budget; scored on the held-out slab with the full
 # field of view and with the scan cropped to the upper abdomen (another field of view).
-# Usage: scripts/run_ablation.sh [RUNS_DIR]     (about 50 min on 2 CPU cores)
+# Usage: scripts/run_ablation.sh [RUNS_DIR]     (about 30 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/ablation}
@@ -12,15 +12,15 @@ DATA=../shared/data/ct-abdomen
 UPPER=$RUNS/ct-upper-fov
 P=${PROGIDIFF:-.venv/bin/progidiff}
 ORGANS="liver spleen kidney_left kidney_right"
-COMMON="--organs $ORGANS --holdout-fraction 0.2 --finetune-base --base-lr-scale 1.0 --stage2-steps 350"
+COMMON="--organs $ORGANS --holdout-fraction 0.2 --finetune-base --base-lr-scale 1.0 --stage2-steps 250"
 mkdir -p "$RUNS"
 [ -d "$UPPER" ] || .venv/bin/python scripts/crop_dataset_fov.py $DATA "$UPPER" --z-min 250
 train() { local name=$1; shift; [ -f "$RUNS/$name/config.json" ] || [ -f "$RUNS/$name/baseline_card.json" ] || $P train $DATA -o "$RUNS/$name" $COMMON "$@"; }
 train no-stage1        --stage1-steps 0
-train stage1-masks     --stage1-steps 150 --stage1-data masks
-train stage1-images    --stage1-steps 150 --stage1-data images
-train stage1-masks-guidance --stage1-steps 150 --stage1-data masks --anatomical-guidance
-train baseline-unet    --stage1-steps 150 --baseline unet
+train stage1-masks     --stage1-steps 100 --stage1-data masks
+train stage1-images    --stage1-steps 100 --stage1-data images
+train stage1-masks-guidance --stage1-steps 100 --stage1-data masks --anatomical-guidance
+train baseline-unet    --stage1-steps 100 --baseline unet
 for m in no-stage1 stage1-masks stage1-images stage1-masks-guidance; do
   for d in full:$DATA upper:$UPPER; do
     tag=${d%%:*}; ds=${d#*:}
