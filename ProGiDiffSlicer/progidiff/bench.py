@@ -240,6 +240,14 @@ def _machine(dev: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def _timing_row(first, r: dict, *middle: str) -> str:
+    """One table row: first cell, seconds, denoiser seconds, non-denoiser share, [middle cells], RSS, GPU peak."""
+    gpu = f"{r['gpu_peak_mb']:.0f}" if r.get("gpu_peak_mb") else "–"
+    cells = [str(first), f"{r['seconds']:.1f}", f"{r['denoiser_seconds']:.1f}", f"{r['other_fraction']:.0%}", *middle,
+             f"{r['peak_rss_mb']:.0f}", gpu]
+    return "| " + " | ".join(cells) + " |"
+
+
 def write_markdown(rep: dict, path: Path) -> None:
     import matplotlib
 
@@ -260,10 +268,7 @@ def write_markdown(rep: dict, path: Path) -> None:
              "## End to end (`segment`: read, locate, sample, resample, rank, write every output)", "",
              "| proposals N | seconds | denoiser seconds | non-denoiser share | slices sampled | peak RSS MB | GPU peak MB |",
              "|---|---|---|---|---|---|---|"]
-    for r in rep["segment"]:
-        gpu = f"{r['gpu_peak_mb']:.0f}" if r.get("gpu_peak_mb") else "–"
-        lines.append(f"| {r['proposals']} | {r['seconds']:.1f} | {r['denoiser_seconds']:.1f} | {r['other_fraction']:.0%} | "
-                     f"{r['sampled_slices']:.0f} | {r['peak_rss_mb']:.0f} | {gpu} |")
+    lines += [_timing_row(r["proposals"], r, f"{r['sampled_slices']:.0f}") for r in rep["segment"]]
     n8 = next((r for r in rep["segment"] if r["proposals"] == 8), None)
     if n8 is not None:
         gpu = "cuda" in rep["machine"].lower() or "nvidia" in rep["machine"].lower()
@@ -283,10 +288,7 @@ def write_markdown(rep: dict, path: Path) -> None:
                   "its own extent, so the model-grid work is the same)", "",
                   "| input voxels | seconds | denoiser seconds | non-denoiser share | peak RSS MB (process so far) | GPU peak MB |",
                   "|---|---|---|---|---|---|"]
-        for r in rep["volume_size"]:
-            gpu = f"{r['gpu_peak_mb']:.0f}" if r.get("gpu_peak_mb") else "–"
-            lines.append(f"| {'×'.join(map(str, r['size']))} | {r['seconds']:.1f} | {r['denoiser_seconds']:.1f} | "
-                         f"{r['other_fraction']:.0%} | {r['peak_rss_mb']:.0f} | {gpu} |")
+        lines += [_timing_row("×".join(map(str, r["size"])), r) for r in rep["volume_size"]]
         lines.append("")
     if rep.get("quality_vs_steps"):
         lines += ["## Quality against steps (ranked-first Dice, liver, held-out slab, 4 proposals, DPM-Solver++)", "",
