@@ -27,7 +27,7 @@ def test_body_axis_coords_run_from_the_lowest_to_the_highest_body_slice():
     assert np.all(body_axis_coords(np.zeros((4, 8, 8), np.float32)) == 0.5)
 
 
-def test_guided_model_needs_and_uses_the_coordinate(tmp_path, tiny_dataset):
+def test_guided_model_needs_and_uses_the_coordinate(tmp_path, tiny_dataset, tiny_mr_dataset):
     out = tmp_path / "guided"
     train(TrainConfig(dataset=str(tiny_dataset), output=str(out), organs=("liver",), anatomical_guidance=True,
                       stage1_data="images", **TINY), progress=False)
@@ -55,6 +55,14 @@ def test_guided_model_needs_and_uses_the_coordinate(tmp_path, tiny_dataset):
     assert res.masks.shape[1:] == sitk.GetArrayViewFromImage(scan.image).shape
     card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
     assert card["training"]["config"]["stage1_data"] == "images"
+    # A guided model can be adapted to MR too (the adapter's training passes the coordinate).
+    from progidiff.adapt import AdaptConfig, adapt, apply_adapter
+
+    lora = adapt(AdaptConfig(dataset=str(tiny_mr_dataset), base=str(out), output=str(tmp_path / "lora"), shots=10, rank=2,
+                             steps=2, batch_size=2), progress=False)
+    adapted = apply_adapter(m, lora)
+    with torch.no_grad():
+        adapted(x, t, s, img, torch.tensor([0.5, 0.5]))
 
 
 def test_unlabelled_stage1_never_reads_labels(tmp_path, tiny_dataset, monkeypatch):

@@ -171,7 +171,7 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
         text = _collate_text(batch, table, counts, gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         x_t = sched.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
-        pred = model(x_t, t, text, batch["image"])
+        pred = model(x_t, t, text, batch["image"], batch["coord"])
         loss = torch.nn.functional.mse_loss(pred, x0) + dice((pred.clamp(-1, 1) + 1) / 2, batch["label"])
         loss.backward()
         opt.step()
