@@ -16,8 +16,8 @@ import torch
 
 from .errors import InputError
 from .prompts import Vocabulary
-from .volume import (GridSpec, body_axis_coords, context_slices, guess_modality, label_to_model_grid, model_grid,
-                     read_scan, to_model_grid)
+from .volume import (GridSpec, body_axis_coords, body_slices, context_slices, guess_modality, label_to_model_grid,
+                     model_grid, read_scan, to_model_grid)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ class SliceDataset(torch.utils.data.Dataset):
         # Slices usable for training (outside any held-out slab, inside the body).
         self.allowed: list[np.ndarray] = []
         for c in cases:
-            ok = c.image.reshape(c.image.shape[0], -1).max(1) > 0.05
+            ok = np.zeros(c.image.shape[0], bool)
+            ok[body_slices(c.image)] = True
             for lo, hi in z_ranges((exclude_z or {}).get(c.name, [])):
                 ok &= ~((c.z_world >= lo) & (c.z_world <= hi))
             self.allowed.append(np.nonzero(ok)[0])
