@@ -137,3 +137,22 @@ def test_evaluate_reports_the_baseline_beside_the_proposals(tmp_path, tiny_datas
     md = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
     assert "baseline UNet Dice" in md
     assert (tmp_path / "eval" / "report.png").stat().st_size > 1000
+
+
+def test_per_slice_dice_weighs_a_missed_small_organ_like_a_missed_large_one():
+    from progidiff.train import mask_dice_loss
+
+    label = torch.zeros(2, 1, 64, 64)
+    label[0, 0, 10:40, 10:40] = 1      # a large organ (900 px), predicted exactly
+    label[1, 0, 30:33, 30:33] = 1      # a 9-px vessel, missed entirely
+    pred = label.clone()
+    pred[1] = 0
+    per_slice = float(mask_dice_loss("sample")(pred, label))
+    per_batch = float(mask_dice_loss("batch")(pred, label))
+    assert per_slice > 0.44            # (0 + 0.9) / 2: with smoothing 1 a missed 9-px organ costs 1 - 1/10
+    assert per_batch < 0.01            # the batch Dice hardly sees it: why the aorta was never learned
+    empty = torch.zeros(1, 1, 64, 64)
+    assert float(mask_dice_loss("sample")(empty, empty)) == 0.0
+    stray = empty.clone()
+    stray[0, 0, :2, :5] = 1            # 10 false pixels on an organ-free slice
+    assert float(mask_dice_loss("sample")(stray, empty)) > 0.9

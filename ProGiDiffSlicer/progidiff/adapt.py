@@ -21,7 +21,7 @@ from .data import SliceDataset, prepare_case, read_dataset, z_ranges
 from .errors import InputError, ModelError
 from .model import WEIGHTS_NAME, ProGiDiffModel, sha256
 from .prompts import Vocabulary
-from .train import phrase_table, _collate_text
+from .train import _collate_text, mask_dice_loss, phrase_table
 from .volume import GridSpec
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,6 @@ class AdaptConfig:
 
 def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     from diffusers import DDPMScheduler
-    from monai.losses import DiceLoss
     from peft import get_peft_model_state_dict, inject_adapter_in_model
 
     t0 = time.time()
@@ -161,7 +160,7 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     sched = DDPMScheduler(num_train_timesteps=base.config.num_train_timesteps, beta_schedule=base.config.beta_schedule,
                           prediction_type="sample")
-    dice = DiceLoss(batch=True)
+    dice = mask_dice_loss("sample")
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     bar = tqdm(loader, total=cfg.steps, desc="adapt", disable=not progress, dynamic_ncols=True)

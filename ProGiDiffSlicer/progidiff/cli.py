@@ -71,6 +71,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "scan slices (diffusion pre-training without labels)")
     p.add_argument("--anatomical-guidance", action="store_true",
                    help="give the model each slice's normalised body-axis position as an extra input")
+    p.add_argument("--dice-loss", choices=["sample", "batch"], default=d.dice_loss,
+                   help="reduce the mask Dice term per slice (default; small organs count as much as large ones) "
+                        "or over the whole batch")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
@@ -92,7 +95,8 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       resume=a.resume, workers=a.workers, command="progidiff " + shlex.join(argv),
                       modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale,
                       holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
-                      stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline)
+                      stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
+                      dice_loss=a.dice_loss)
     out = train(cfg)
     print(f"model saved to {out}")
     return 0
