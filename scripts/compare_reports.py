@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("reports", nargs="+", help="LABEL=REPORT_DIR (a folder holding report.json)")
-    p.add_argument("--metric", default="ranked_first", choices=["ranked_first", "consensus", "best_of_n", "randtop3"])
+    p.add_argument("--metric", default="ranked_first", choices=["ranked_first", "consensus", "best_of_n", "randtop3", "baseline"])
     a = p.parse_args(argv)
     reps = []
     for item in a.reports:
@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     print("| | " + " | ".join(o.replace("_", " ") for o in organs) + " | mean |")
     print("|---|" + "---|" * (len(organs) + 1))
     for label, r in reps:
-        cells = [f"{r['organs'][o][a.metric]['dice']:.3f}" if o in r["organs"] else "–" for o in organs]
-        print(f"| {label} | " + " | ".join(cells) + f" | **{r['mean_dice'][a.metric]:.3f}** |")
+        cells = [f"{r['organs'][o][a.metric]['dice']:.3f}" if a.metric in r["organs"].get(o, {}) else "–" for o in organs]
+        mean = r["mean_dice"].get(a.metric)
+        print(f"| {label} | " + " | ".join(cells) + " | " + (f"**{mean:.3f}**" if mean is not None else "–") + " |")
     return 0
 
 
