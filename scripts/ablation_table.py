@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     out = ["# Ablation: what makes the model generalise", "",
            "Measured with `scripts/run_ablation.sh` (every command is in it). Each variant is trained on "
            "`../shared/data/ct-abdomen` for the organs below with the same budget (stage 1 + stage 2 steps, batch "
-           f"{base_card['training']['batch_size']}, base fine-tuned in stage 2) — far less than the shipped model — with the "
+           f"{base_card['training']['batch_size']}, base fine-tuned in stage 2, per-slice Dice loss) — far less than the shipped model — with the "
            "central 20 % slab of the organs held out. Scores: ranked-first Dice of 4 proposals (4 DPM-Solver++ steps) on the "
            "held-out slab, (a) with the whole scan as input and (b) with the scan cropped to the upper abdomen, the field of "
            "view another protocol might give: the slab is the same, but its position in the scan is not.", "",

@@ -4,7 +4,7 @@
 # reduced budget on ../shared/data/ct-abdomen with the central 20 % slab held out, plus the
 # deterministic UNet baseline with that budget; scored on the held-out slab with the full
 # field of view and with the scan cropped to the upper abdomen (another field of view).
-# Usage: scripts/run_ablation.sh [RUNS_DIR]     (about 30 min on 2 CPU cores)
+# Usage: scripts/run_ablation.sh [RUNS_DIR]     (about 40 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/ablation}
