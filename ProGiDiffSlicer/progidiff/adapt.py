@@ -160,7 +160,9 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     sched = DDPMScheduler(num_train_timesteps=base.config.num_train_timesteps, beta_schedule=base.config.beta_schedule,
                           prediction_type="sample")
-    dice = mask_dice_loss("sample")
+    # Adapt with the base's own training objective: a base trained before --dice-loss existed
+    # (the shipped ct-v3) used the batch Dice.
+    dice = mask_dice_loss(base.card.get("training", {}).get("config", {}).get("dice_loss", "batch"))
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     bar = tqdm(loader, total=cfg.steps, desc="adapt", disable=not progress, dynamic_ncols=True)
