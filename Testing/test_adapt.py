@@ -74,3 +74,12 @@ def test_shot_slab_splits_the_scan():
     adapt, held = shot_slab(z, 10)
     assert adapt == (13.5, 43.5)
     assert held == [(-1.5, 13.5), (43.5, 58.5)]
+
+
+def test_adaptation_keeps_the_dice_its_base_was_trained_with(tiny_adapter, shipped_model):
+    from progidiff.adapt import base_dice_loss
+
+    card = json.loads((tiny_adapter / ADAPTER_CARD).read_text(encoding="utf-8"))
+    assert card["dice_loss"] == "sample"          # the tiny base was trained with today's default
+    shipped = json.loads((shipped_model / "model_card.json").read_text(encoding="utf-8"))
+    assert base_dice_loss(shipped) == "batch"     # ct-v3 predates --dice-loss

@@ -121,6 +121,12 @@ class AdaptConfig:
     command: str = ""
 
 
+def base_dice_loss(card: dict) -> str:
+    """The Dice reduction the base was trained with, which adaptation keeps: a base trained
+    before ``--dice-loss`` existed (the shipped ct-v3) used the batch Dice."""
+    return card.get("training", {}).get("config", {}).get("dice_loss", "batch")
+
+
 def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     from diffusers import DDPMScheduler
     from peft import get_peft_model_state_dict, inject_adapter_in_model
@@ -160,9 +166,8 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     sched = DDPMScheduler(num_train_timesteps=base.config.num_train_timesteps, beta_schedule=base.config.beta_schedule,
                           prediction_type="sample")
-    # Adapt with the base's own training objective: a base trained before --dice-loss existed
-    # (the shipped ct-v3) used the batch Dice.
-    dice = mask_dice_loss(base.card.get("training", {}).get("config", {}).get("dice_loss", "batch"))
+    dice_kind = base_dice_loss(base.card)
+    dice = mask_dice_loss(dice_kind)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     bar = tqdm(loader, total=cfg.steps, desc="adapt", disable=not progress, dynamic_ncols=True)
@@ -190,7 +195,7 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
         "kind": "lora-adapter", "modality": cfg.modality, "base_model": Path(cfg.base).name,
         "base_sha256": base.card["sha256"][WEIGHTS_NAME], "organs": organs, "rank": cfg.rank,
         "targets": lcfg.target_modules, "include_base": cfg.include_base, "shots": cfg.shots,
-        "bias_field_augmentation": cfg.bias_field,
+        "bias_field_augmentation": cfg.bias_field, "dice_loss": dice_kind,
         "trainable_parameters": trainable, "model_parameters": total, "trainable_fraction": trainable / total,
         "training": {"command": cfg.command, "dataset": str(cfg.dataset), "cases": [c.name for c in cases],
                      "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds": round(time.time() - t0, 1),
