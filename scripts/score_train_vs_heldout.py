@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ProGiDiffSlicer"))
 
 from progidiff.data import read_dataset, z_ranges  # noqa: E402
 from progidiff.engine import Engine, SegmentOptions  # noqa: E402
-from progidiff.evaluate import dice_hd95, world_z  # noqa: E402
+from progidiff.evaluate import dice_hd95, organ_label_values, slab_mask  # noqa: E402
 from progidiff.volume import read_scan  # noqa: E402
 
 
@@ -40,15 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     for entry in [c for c in info.cases if c.label is not None]:
         scan = read_scan(entry.image)
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(entry.label)))
-        z = world_z(scan.image)
-        held = np.zeros(z.shape, bool)
-        for lo, hi in z_ranges(holdout.get(entry.name, [])):
-            held |= (z >= lo) & (z <= hi)
+        held = slab_mask(scan.image, z_ranges(holdout.get(entry.name, [])))
         sp = tuple(scan.image.GetSpacing()[::-1])
         for organ in engine.card["organs"]:
-            values = [v for n, v in info.labels.items()
-                      if (o := engine.vocabulary.organ_for_label_name(n)) is not None and o.name == organ]
-            ref = np.isin(label, values)
+            ref = np.isin(label, organ_label_values(info.labels, engine.vocabulary, organ))
             if not ref.any():
                 continue
             res = engine.segment(scan, engine.vocabulary[organ].display, SegmentOptions(proposals=a.proposals))

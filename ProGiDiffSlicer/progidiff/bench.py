@@ -198,22 +198,16 @@ def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
     import SimpleITK as sitk
 
     from .data import read_dataset, z_ranges
-    from .evaluate import dice_hd95, world_z
+    from .evaluate import dice_hd95, organ_label_values, slab_mask
 
     info = read_dataset(dataset)
     entry = next(c for c in info.cases if c.label is not None)
     scan = read_scan(entry.image)
     organ = engine.resolve(prompt).organ
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(entry.label)))
-    values = [v for n, v in info.labels.items() if (o := engine.vocabulary.organ_for_label_name(n)) and o.name == organ.name]
-    keep = np.ones(label.shape, bool)
     slabs = z_ranges(engine.card.get("training", {}).get("holdout_z_mm", {}).get(entry.name, []))
-    if slabs:
-        z = world_z(scan.image)
-        keep = np.zeros(label.shape, bool)
-        for lo, hi in slabs:
-            keep |= (z >= lo) & (z <= hi)
-    ref = np.isin(label, values) & keep
+    keep = slab_mask(scan.image, slabs) if slabs else np.ones(label.shape, bool)
+    ref = np.isin(label, organ_label_values(info.labels, engine.vocabulary, organ.name)) & keep
     out = []
     for steps in steps_list:
         t0 = time.perf_counter()

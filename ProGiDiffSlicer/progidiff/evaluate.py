@@ -36,6 +36,20 @@ def world_z(image: sitk.Image) -> np.ndarray:
     return image.GetOrigin()[2] + d[2, 0] * sp[0] * i + d[2, 1] * sp[1] * j + d[2, 2] * sp[2] * k
 
 
+def slab_mask(image: sitk.Image, slabs: list[tuple[float, float]]) -> np.ndarray:
+    """Voxels (array order) whose world z lies in any of the (lo, hi) mm slabs."""
+    z = world_z(image)
+    keep = np.zeros(z.shape, bool)
+    for lo, hi in slabs:
+        keep |= (z >= lo) & (z <= hi)
+    return keep
+
+
+def organ_label_values(labels: dict[str, int], vocabulary, organ: str) -> list[int]:
+    """The dataset's label values that name ``organ`` (a vocabulary name) or one of its synonyms."""
+    return [v for n, v in labels.items() if (o := vocabulary.organ_for_label_name(n)) is not None and o.name == organ]
+
+
 def dice_hd95(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> tuple[float, float]:
     """Dice and 95th-percentile Hausdorff distance (mm) with MONAI's metrics."""
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
@@ -98,8 +112,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         trained_on |= set(holdout)
     else:
         holdout = card.get("training", {}).get("holdout_z_mm", {})
-    organs = [o for o in card.get("organs", []) if any(engine.vocabulary.organ_for_label_name(n) and
-                                                       engine.vocabulary.organ_for_label_name(n).name == o for n in info.labels)]
+    organs = [o for o in card.get("organs", []) if organ_label_values(info.labels, engine.vocabulary, o)]
     if not organs:
         raise InputError(f"{dataset}: its labels name none of the model's organs ({', '.join(card.get('organs', []))}).")
     rows: list[OrganScore] = []
@@ -114,11 +127,8 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
             label = sitk.GetArrayFromImage(sitk.ReadImage(str(entry.label)))
             keep = np.ones(label.shape, bool)
             if entry.name in holdout and region in ("auto", "holdout"):
-                z = world_z(scan.image)
                 slabs = z_ranges(holdout[entry.name])
-                keep = np.zeros(z.shape, bool)
-                for lo, hi in slabs:
-                    keep |= (z >= lo) & (z <= hi)
+                keep = slab_mask(scan.image, slabs)
                 regions[entry.name] = ("held-out slab(s) " + ", ".join(f"z in [{lo:.1f}, {hi:.1f}] mm" for lo, hi in slabs)
                                        + f" ({keep.mean():.0%} of the scan; not used in training)")
             elif entry.name in trained_on:
@@ -128,9 +138,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
             sp = tuple(scan.image.GetSpacing()[::-1])
             for organ_name in organs:
                 organ = engine.vocabulary[organ_name]
-                values = [v for n, v in info.labels.items()
-                          if (o := engine.vocabulary.organ_for_label_name(n)) is not None and o.name == organ_name]
-                ref = np.isin(label, values) & keep
+                ref = np.isin(label, organ_label_values(info.labels, engine.vocabulary, organ_name)) & keep
                 if not ref.any():
                     bar.update(1)
                     continue
