@@ -156,3 +156,5 @@ def test_per_slice_dice_weighs_a_missed_small_organ_like_a_missed_large_one():
     stray = empty.clone()
     stray[0, 0, :2, :5] = 1            # 10 false pixels on an organ-free slice
     assert float(mask_dice_loss("sample")(stray, empty)) > 0.9
+    both = float(mask_dice_loss("both")(pred, label))
+    assert abs(both - (per_slice + per_batch)) < 1e-6

@@ -71,9 +71,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "scan slices (diffusion pre-training without labels)")
     p.add_argument("--anatomical-guidance", action="store_true",
                    help="give the model each slice's normalised body-axis position as an extra input")
-    p.add_argument("--dice-loss", choices=["sample", "batch"], default=d.dice_loss,
+    p.add_argument("--dice-loss", choices=["sample", "batch", "both"], default=d.dice_loss,
                    help="reduce the mask Dice term per slice (default: small organs such as the aorta count as much "
-                        "as large ones) or over the whole batch (how the shipped ct-v3 was trained; large organs dominate)")
+                        "as large ones), over the whole batch (how ct-v3 was trained; large organs dominate) "
+                        "or both, summed")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")

@@ -144,15 +144,31 @@ def mask_dice_loss(kind: str = "sample") -> torch.nn.Module:
     """The Dice term added to the x0 MSE (which alone barely sees a small organ: a 9-pixel aorta
     is 0.2 % of a 64x64 slice). "sample": per slice with smoothing 1, so that an organ-free slice
     scores 0 only when the prediction is empty and a few false pixels cost as much as a missed
-    small organ; "batch": one Dice over the batch (the earlier default; the shipped ct-v3 was trained with it, and
-    kept its liver, spleen and kidneys better than the per-slice run ct-v4 did: see the README)."""
+    small organ; "batch": one Dice over the batch (the earlier default; ct-v3 was trained with it, and
+    kept its liver, spleen and kidneys better than the per-slice run ct-v4 did: see the README);
+    "both": their sum, the batch term for the large organs' outlines, the per-slice term so that
+    the vessels are learned at all."""
     from monai.losses import DiceLoss
 
     if kind == "sample":
         return DiceLoss(batch=False, smooth_nr=1.0, smooth_dr=1.0)
     if kind == "batch":
         return DiceLoss(batch=True)
-    raise InputError(f"--dice-loss must be sample or batch, got {kind!r}.")
+    if kind == "both":
+        return _SummedLoss(DiceLoss(batch=True), DiceLoss(batch=False, smooth_nr=1.0, smooth_dr=1.0))
+    raise InputError(f"--dice-loss must be sample, batch or both, got {kind!r}.")
+
+
+class _SummedLoss(torch.nn.Module):
+    """Sum of losses on the same (input, target). MONAI has no loss combinator for two reductions
+    of one loss (DiceCELoss and friends pair Dice with a cross-entropy), hence this."""
+
+    def __init__(self, *losses: torch.nn.Module) -> None:
+        super().__init__()
+        self.losses = torch.nn.ModuleList(losses)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(loss(input, target) for loss in self.losses)
 
 
 def train(cfg: TrainConfig, progress: bool = True,
