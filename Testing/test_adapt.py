@@ -80,6 +80,6 @@ def test_adaptation_keeps_the_dice_its_base_was_trained_with(tiny_adapter, shipp
     from progidiff.adapt import base_dice_loss
 
     card = json.loads((tiny_adapter / ADAPTER_CARD).read_text(encoding="utf-8"))
-    assert card["dice_loss"] == "sample"          # the tiny base was trained with today's default
+    assert card["dice_loss"] == "both"            # the tiny base was trained with today's default
     shipped = json.loads((shipped_model / "model_card.json").read_text(encoding="utf-8"))
     assert base_dice_loss(shipped) == "batch"     # ct-v3 predates --dice-loss

@@ -12,7 +12,7 @@ DATA=../shared/data/ct-abdomen
 UPPER=$RUNS/ct-upper-fov
 P=${PROGIDIFF:-.venv/bin/progidiff}
 ORGANS="liver spleen kidney_left kidney_right"
-COMMON="--organs $ORGANS --holdout-fraction 0.2 --finetune-base --base-lr-scale 1.0 --stage2-steps 250"
+COMMON="--organs $ORGANS --holdout-fraction 0.2 --finetune-base --base-lr-scale 1.0 --stage2-steps 250 --dice-loss sample"
 mkdir -p "$RUNS"
 [ -d "$UPPER" ] || .venv/bin/python scripts/crop_dataset_fov.py $DATA "$UPPER" --z-min 250
 train() { local name=$1; shift; [ -f "$RUNS/$name/config.json" ] || [ -f "$RUNS/$name/baseline_card.json" ] || $P train $DATA -o "$RUNS/$name" $COMMON "$@"; }

@@ -13,7 +13,7 @@ LORA=Resources/Models/progidiff-ct-abdomen-mr-lora
 P=${PROGIDIFF:-.venv/bin/progidiff}
 mkdir -p "$RUNS"
 [ -f "$RUNS/scratch/config.json" ] || $P train $MR -o "$RUNS/scratch" --holdout-like $LORA --modality MR \
-    --stage1-steps 100 --stage2-steps 300 --batch-size 8 --finetune-base --base-lr-scale 1.0
+    --stage1-steps 100 --stage2-steps 300 --batch-size 8 --finetune-base --base-lr-scale 1.0 --dice-loss batch
 [ -f "$RUNS/lora-no-bias-field/adapter_card.json" ] || $P adapt $MR --from $CT --modality MR --shots 10 \
     --no-bias-field -o "$RUNS/lora-no-bias-field"
 [ -f "$RUNS/eval-scratch/report.json" ] || $P evaluate "$RUNS/scratch" $MR -n 8 --modality MR --baseline none \

@@ -73,7 +73,7 @@ class TrainConfig:
     #: How the mask Dice term is reduced: "sample" (one Dice per slice, then the mean: a 9-pixel
     #: aorta weighs as much as a 500-pixel liver) or "batch" (one Dice over the whole batch, which
     #: large organs dominate; the model trained so learned nothing of the aorta, IVC or pancreas).
-    dice_loss: str = "sample"
+    dice_loss: str = "both"
     #: "unet": train the deterministic MONAI UNet baseline instead (same data, transforms, budget).
     baseline: str | None = None
     resume: bool = False
@@ -140,14 +140,16 @@ def _collate_text(batch: dict, table: tuple[torch.Tensor, torch.Tensor], counts:
     return table[0][organ, pick], table[1][organ, pick]
 
 
-def mask_dice_loss(kind: str = "sample") -> torch.nn.Module:
+def mask_dice_loss(kind: str = "both") -> torch.nn.Module:
     """The Dice term added to the x0 MSE (which alone barely sees a small organ: a 9-pixel aorta
     is 0.2 % of a 64x64 slice). "sample": per slice with smoothing 1, so that an organ-free slice
     scores 0 only when the prediction is empty and a few false pixels cost as much as a missed
     small organ; "batch": one Dice over the batch (the earlier default; ct-v3 was trained with it, and
     kept its liver, spleen and kidneys better than the per-slice run ct-v4 did: see the README);
-    "both": their sum, the batch term for the large organs' outlines, the per-slice term so that
-    the vessels are learned at all."""
+    "both" (the default): their sum, the batch term for the large organs' outlines, the per-slice
+    term so that the vessels are learned at all. Same command otherwise, "both" (ct-v6) against
+    "sample" (ct-v4) raised held-out liver Dice 0.775 -> 0.827, spleen 0.661 -> 0.764 and
+    gallbladder 0.339 -> 0.617 and kept aorta/IVC (0.875/0.846 against 0.905/0.848)."""
     from monai.losses import DiceLoss
 
     if kind == "sample":
