@@ -74,7 +74,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dice-loss", choices=["sample", "batch", "both"], default=d.dice_loss,
                    help="reduce the mask Dice term per slice (small organs such as the aorta count as much as large "
                         "ones), over the whole batch (how ct-v3 was trained; large organs dominate, vessels are not "
-                        "learned) or both, summed (default: the better of the three on held-out slices)")
+                        "learned) or both, summed (default: learns the vessels and keeps more of the large organs than "
+                        "the per-slice Dice alone)")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")

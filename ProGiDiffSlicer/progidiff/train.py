@@ -72,7 +72,8 @@ class TrainConfig:
     anatomical_guidance: bool = False
     #: How the mask Dice term is reduced: "sample" (one Dice per slice, then the mean: a 9-pixel
     #: aorta weighs as much as a 500-pixel liver) or "batch" (one Dice over the whole batch, which
-    #: large organs dominate; the model trained so learned nothing of the aorta, IVC or pancreas).
+    #: large organs dominate; the model trained so learned nothing of the aorta, IVC or pancreas)
+    #: or "both", their sum (the default: see mask_dice_loss for the measured comparison).
     dice_loss: str = "both"
     #: "unet": train the deterministic MONAI UNet baseline instead (same data, transforms, budget).
     baseline: str | None = None
