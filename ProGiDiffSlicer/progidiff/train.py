@@ -153,12 +153,14 @@ def mask_dice_loss(kind: str = "both") -> torch.nn.Module:
     gallbladder 0.339 -> 0.617 and kept aorta/IVC (0.875/0.846 against 0.905/0.848)."""
     from monai.losses import DiceLoss
 
+    per_slice = DiceLoss(batch=False, smooth_nr=1.0, smooth_dr=1.0)
+    per_batch = DiceLoss(batch=True)
     if kind == "sample":
-        return DiceLoss(batch=False, smooth_nr=1.0, smooth_dr=1.0)
+        return per_slice
     if kind == "batch":
-        return DiceLoss(batch=True)
+        return per_batch
     if kind == "both":
-        return _SummedLoss(DiceLoss(batch=True), DiceLoss(batch=False, smooth_nr=1.0, smooth_dr=1.0))
+        return _SummedLoss(per_batch, per_slice)
     raise InputError(f"--dice-loss must be sample, batch or both, got {kind!r}.")
 
 
