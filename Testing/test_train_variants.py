@@ -158,3 +158,44 @@ def test_per_slice_dice_weighs_a_missed_small_organ_like_a_missed_large_one():
     assert float(mask_dice_loss("sample")(stray, empty)) > 0.9
     both = float(mask_dice_loss("both")(pred, label))
     assert abs(both - (per_slice + per_batch)) < 1e-6
+
+
+def test_init_from_fine_tunes_a_trained_model_on_its_own_grid(tmp_path, tiny_dataset, tiny_model, capsys):
+    from safetensors.torch import load_file
+
+    from progidiff.cli import main
+    from progidiff.engine import Engine, SegmentOptions
+    from progidiff.model import WEIGHTS_NAME
+
+    # No step: the saved model is the one it started from, weight for weight.
+    same = tmp_path / "same"
+    assert main(["train", str(tiny_dataset), "-o", str(same), "--init-from", str(tiny_model), "--organs", "liver",
+                 "--stage2-steps", "0", "--workers", "0"]) == 0
+    a, b = load_file(tiny_model / WEIGHTS_NAME), load_file(same / WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # A few steps on an organ the tiny model never learned: stage 1 is skipped, the default
+    # 64 px / 6 mm grid is replaced by the model's own, and the card counts the first training.
+    tuned = tmp_path / "tuned"
+    assert main(["train", str(tiny_dataset), "-o", str(tuned), "--init-from", str(tiny_model), "--organs", "liver", "spleen",
+                 "--stage2-steps", "3", "--batch-size", "4", "--workers", "0"]) == 0
+    b = load_file(tuned / WEIGHTS_NAME)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    stages = {line.split(",")[0] for line in (tuned / "train_log.csv").read_text(encoding="utf-8").splitlines()[1:]}
+    assert stages == {"2"}
+    config = json.loads((tuned / "config.json").read_text(encoding="utf-8"))
+    assert config["grid_size"] == [32, 32] and config["grid_spacing"] == [12.0, 12.0, 10.0]
+    card = json.loads((tuned / "model_card.json").read_text(encoding="utf-8"))
+    assert card["organs"] == ["liver", "spleen"] and card["training"]["init_from"]["model"] == tiny_model.name
+    assert card["training"]["init_from"]["seconds"] > 0 and card["training"]["init_from"]["steps"] == 4 + 6
+    assert card["training"]["config"]["stage1_steps"] == 0     # skipped, so not claimed
+    assert "Fine-tuned from" in (tuned / "README.md").read_text(encoding="utf-8")
+    result = Engine(tuned, device="cpu").segment(read_scan(tiny_dataset / "imagesTr" / "case_001_0000.nii.gz"), "spleen",
+                                                 SegmentOptions(proposals=1, steps=1))
+    assert result.masks.shape[0] == 1
+
+    capsys.readouterr()
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "x"), "--init-from", str(tiny_model), "--baseline", "unet"]) != 0
+    assert "--init-from" in capsys.readouterr().err
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "y"), "--init-from", str(tmp_path / "nope")]) != 0
+    assert "error" in capsys.readouterr().err and not (tmp_path / "y").exists()

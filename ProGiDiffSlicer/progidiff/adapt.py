@@ -123,7 +123,7 @@ class AdaptConfig:
 
 def base_dice_loss(card: dict) -> str:
     """The Dice reduction the base was trained with, which adaptation keeps: a base trained
-    before ``--dice-loss`` existed (the shipped ct-v3) used the batch Dice."""
+    before ``--dice-loss`` existed (ct-v3) used the batch Dice."""
     return card.get("training", {}).get("config", {}).get("dice_loss", "batch")
 
 

@@ -26,6 +26,11 @@ def render(card: dict) -> str:
               f"- Data: `{t.get('dataset', '')}`, cases {', '.join(t.get('cases', []))}",
               f"- Wall time: {t.get('seconds', 0) / 60:.1f} min on {t.get('device', 'cpu')}"
               f"{' (' + str(t.get('processes')) + ' process(es))' if t.get('processes') else ''}"]
+    if t.get("init_from"):
+        i = t["init_from"]
+        first = (i.get("seconds") or 0) / 60
+        lines.append(f"- Fine-tuned from `{i.get('model')}` ({first:.1f} min and {i.get('steps', '?')} steps to train; "
+                     f"command: `{i.get('command')}`): **{first + t.get('seconds', 0) / 60:.1f} min in all**")
     if t.get("holdout_z_mm"):
         lines.append(f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}")
     if t.get("adapt_z_mm"):

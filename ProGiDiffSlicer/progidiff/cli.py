@@ -24,6 +24,7 @@ EPILOG_SEGMENT = """example:
 EPILOG_TRAIN = """example:
   progidiff train ../shared/data/ct-abdomen -o my_model --organs liver spleen
   progidiff train ../shared/data/ct-abdomen -o my_model-baseline-unet --baseline unet   # the deterministic baseline
+  progidiff train MY_DATASET -o my_model --init-from Resources/Models/progidiff-ct-abdomen --stage2-steps 500 --lr 1e-4
   accelerate launch -m progidiff.cli train DATASET -o MODEL --mixed-precision bf16   # several GPUs
 """
 
@@ -49,6 +50,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("--organs", nargs="+", default=list(DEFAULT_ORGANS), help="organs to learn (vocabulary names)")
     p.add_argument("--base-model", help="local Stable Diffusion folder to build on (skips stage 1)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune this trained ProGiDiff model (e.g. the shipped one) on DATASET instead of starting "
+                        "from scratch: stage 1 is skipped, the model's grid and prompt encoder are kept")
     p.add_argument("--stage1-steps", type=int, default=d.stage1_steps)
     p.add_argument("--stage2-steps", type=int, default=d.stage2_steps)
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
@@ -98,7 +102,7 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale,
                       holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
-                      dice_loss=a.dice_loss)
+                      dice_loss=a.dice_loss, init_from=a.init_from)
     out = train(cfg)
     print(f"model saved to {out}")
     return 0

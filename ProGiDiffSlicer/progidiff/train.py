@@ -63,7 +63,9 @@ class TrainConfig:
     #: frozen; see the model card for which was used and why.
     finetune_base: bool = False
     base_lr_scale: float = 0.1
-    init_from: str | None = None  # a state_dict (.pt) to start stage 2 from
+    #: A trained ProGiDiff model folder to fine-tune (stage 2 only): its grid, text encoder and
+    #: weights are kept, so a researcher can continue the shipped model on their own labels.
+    init_from: str | None = None
     #: What stage 1 pre-trains the base denoiser on: "masks" (a text-conditioned prior of the
     #: organs' shapes) or "images" (diffusion pre-training on the unlabelled scan slices
     #: themselves, no labels used). See docs/evaluation/ablation for which helps.
@@ -192,6 +194,11 @@ def train(cfg: TrainConfig, progress: bool = True,
     if unknown:
         raise InputError(f"Unknown organ(s) {', '.join(unknown)}; the vocabulary has {', '.join(vocab.names())}.")
     info = read_dataset(cfg.dataset)
+    init_card = None
+    # Before the grid: a model to fine-tune brings its own grid.
+    if cfg.init_from and cfg.baseline:
+        raise InputError("--init-from fine-tunes a ProGiDiff model; the --baseline UNet always trains from scratch.")
+    init = _load_init(cfg) if cfg.init_from else None
     grid = GridSpec(tuple(cfg.grid_spacing), (cfg.grid_size, cfg.grid_size))
     t0 = time.time()
     cases = [prepare_case(e, info.labels, vocab, grid, cfg.organs, cfg.modality or info.modality)
@@ -209,12 +216,17 @@ def train(cfg: TrainConfig, progress: bool = True,
     if cfg.stage1_data not in ("masks", "images"):
         raise InputError(f"--stage1-data must be masks or images, got {cfg.stage1_data!r}.")
 
-    if cfg.base_model:
+    if cfg.base_model or init is not None:
+        cfg.stage1_steps = 0  # skipped: the card must not claim steps that never ran
+    if init is not None:
+        model, encoder, init_card = init
+    elif cfg.base_model:
         encoder = TextEncoder(Path(cfg.base_model) / "text_encoder", max_length=16,
                               tokenizer_dir=Path(cfg.base_model) / "tokenizer")
+        model = build_model(cfg, encoder.hidden_size)
     else:
         encoder = TextEncoder(max_length=8)
-    model = build_model(cfg, encoder.hidden_size)
+        model = build_model(cfg, encoder.hidden_size)
     table, counts = phrase_table(encoder, vocab, cfg.organs)
     # Unlabelled slices carry no organ: stage 1 on images is conditioned on one neutral phrase.
     unlabelled_text = encoder.conditioning([f"axial {cases[0].modality} slice of the abdomen"])
@@ -224,17 +236,14 @@ def train(cfg: TrainConfig, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     log_path = out / "train_log.csv"
-    state = {"stage": 1 if not cfg.base_model else 2, "step": 0}
-    if cfg.init_from:
-        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu"))
-        state = {"stage": 2, "step": 0}
+    state = {"stage": 1 if not (cfg.base_model or cfg.init_from) else 2, "step": 0}
     if cfg.resume and (ckpt_dir / "state.json").is_file():
         state = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
         model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu"))
         log.info("resuming at stage %d step %d", state["stage"], state["step"])
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    stages = [(1, cfg.stage1_steps)] if not cfg.base_model else []
+    stages = [(1, cfg.stage1_steps)] if not (cfg.base_model or cfg.init_from) else []
     stages.append((2, cfg.stage2_steps))
     for stage, steps in stages:
         if stage < state["stage"] or steps <= 0:
@@ -331,6 +340,14 @@ def train(cfg: TrainConfig, progress: bool = True,
                          "device": str(accelerator.device), "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
                          "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()}},
         }
+        if init_card is not None:
+            # A fine-tuned model's real cost includes the model it started from.
+            it = init_card.get("training", {})
+            ic = it.get("config", {})
+            card["training"]["init_from"] = {"model": init_card.get("name"), "command": it.get("command"),
+                                             "seconds": it.get("seconds"),
+                                             "steps": ic.get("stage1_steps", 0) + ic.get("stage2_steps", 0)
+                                             + it.get("init_from", {}).get("steps", 0)}
         model.save_pretrained(out, card=card)
         from .card import write_markdown
 
@@ -339,6 +356,24 @@ def train(cfg: TrainConfig, progress: bool = True,
         log.info("saved model to %s after %.0fs", out, seconds)
     accelerator.wait_for_everyone()
     return out
+
+
+def _load_init(cfg: TrainConfig) -> tuple[ProGiDiffModel, TextEncoder, dict]:
+    """The model to fine-tune, its prompt encoder and card; ``cfg`` takes the model's grid so
+    that the slices are sampled as it was trained."""
+    from .engine import load_text_encoder
+    from .model import CARD_NAME
+
+    if cfg.base_model:
+        raise InputError("Give --init-from or --base-model, not both: --init-from already has its backbone.")
+    folder = Path(cfg.init_from)
+    model = ProGiDiffModel.from_pretrained(folder)
+    mc = model.config
+    cfg.grid_spacing, cfg.grid_size, cfg.context = tuple(mc.grid_spacing), int(mc.grid_size[0]), int(mc.context)
+    cfg.anatomical_guidance = bool(mc.anatomical_guidance)
+    card_path = folder / CARD_NAME
+    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    return model, load_text_encoder(model, folder), card
 
 
 def _checkpoint(accelerator, model, optimizer, ckpt_dir: Path, stage: int, step: int) -> None:
