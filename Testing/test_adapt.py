@@ -81,5 +81,8 @@ def test_adaptation_keeps_the_dice_its_base_was_trained_with(tiny_adapter, shipp
 
     card = json.loads((tiny_adapter / ADAPTER_CARD).read_text(encoding="utf-8"))
     assert card["dice_loss"] == "both"            # the tiny base was trained with today's default
+    assert base_dice_loss({"training": {"config": {}}}) == "batch"   # a card from before --dice-loss (ct-v3)
     shipped = json.loads((shipped_model / "model_card.json").read_text(encoding="utf-8"))
-    assert base_dice_loss(shipped) == "batch"     # ct-v3 predates --dice-loss
+    assert base_dice_loss(shipped) == "both"
+    lora = json.loads((shipped_model.parent / "progidiff-ct-abdomen-mr-lora" / ADAPTER_CARD).read_text(encoding="utf-8"))
+    assert lora["dice_loss"] == "both"            # the shipped adapter was adapted from the shipped base

@@ -143,6 +143,8 @@ def test_shipped_baseline_is_documented_and_loads(shipped_model):
     model_card = json.loads((shipped_model / CARD_NAME).read_text(encoding="utf-8"))
     assert card["training"]["holdout_z_mm"] == model_card["training"]["holdout_z_mm"]  # same held-out slab
     cfg = model_card["training"]["config"]
-    assert card["training"]["steps"] == cfg["stage1_steps"] + cfg["stage2_steps"]    # same budget
+    # Same budget, counting the steps of the model it was fine-tuned from (--init-from).
+    init_steps = model_card["training"].get("init_from", {}).get("steps", 0)
+    assert card["training"]["steps"] == cfg["stage1_steps"] + cfg["stage2_steps"] + init_steps
     assert (folder / "README.md").is_file()
     assert set(Baseline(folder).organs) == set(model_card["organs"])

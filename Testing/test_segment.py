@@ -147,8 +147,11 @@ def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_mod
         if re.search(r"\b[1-9]\d*/\d+ \[", seen):  # the bar has counted model evaluations: mid-sampling
             break
     proc.send_signal(sig)
-    rc = proc.wait(timeout=60)
-    assert rc == 130, seen[-500:]
+    # communicate, not wait: it drains stderr, so a full pipe cannot block the child's exit
+    # (subprocess's documented deadlock with wait() and PIPE).
+    rest = proc.communicate(timeout=60)[1]
+    rc = proc.returncode
+    assert rc == 130, (seen + rest)[-500:]
     assert sorted(os.listdir(out)) == before
     assert (out / "keep.txt").read_text(encoding="utf-8") == "untouched"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
