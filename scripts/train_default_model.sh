@@ -6,7 +6,7 @@
 #   2. 1,000 more stage-2 steps from that model (--init-from) at a third of the learning rate
 #      with the batch + per-slice Dice, which adds the aorta, IVC and pancreas.
 # Both steps hold out the same slab (--holdout-fraction 0.2), on which `progidiff evaluate` scores it.
-# About 67 min on 2 CPU cores (47.6 + 18.9 min measured); set ACCEL="accelerate launch -m progidiff.cli"
+# About 67 min on 2 CPU cores (47.6 + 18.8 min measured); set ACCEL="accelerate launch -m progidiff.cli"
 # for several GPUs.
 # Usage: scripts/train_default_model.sh [OUT_DIR]   (writes OUT_DIR-stage-a and OUT_DIR)
 set -euo pipefail

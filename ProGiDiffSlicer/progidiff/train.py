@@ -195,9 +195,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise InputError(f"Unknown organ(s) {', '.join(unknown)}; the vocabulary has {', '.join(vocab.names())}.")
     info = read_dataset(cfg.dataset)
     init_card = None
-    # Before the grid: a model to fine-tune brings its own grid.
     if cfg.init_from and cfg.baseline:
         raise InputError("--init-from fine-tunes a ProGiDiff model; the --baseline UNet always trains from scratch.")
+    # Before the grid: a model to fine-tune brings its own grid.
     init = _load_init(cfg) if cfg.init_from else None
     grid = GridSpec(tuple(cfg.grid_spacing), (cfg.grid_size, cfg.grid_size))
     t0 = time.time()
@@ -373,6 +373,7 @@ def _load_init(cfg: TrainConfig) -> tuple[ProGiDiffModel, TextEncoder, dict]:
     cfg.anatomical_guidance = bool(mc.anatomical_guidance)
     card_path = folder / CARD_NAME
     card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    log.info("fine-tuning %s: stage 1 skipped, its %d px grid at %s mm kept", folder, cfg.grid_size, cfg.grid_spacing)
     return model, load_text_encoder(model, folder), card
 
 
