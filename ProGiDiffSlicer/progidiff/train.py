@@ -197,6 +197,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     init_card = None
     if cfg.init_from and cfg.baseline:
         raise InputError("--init-from fine-tunes a ProGiDiff model; the --baseline UNet always trains from scratch.")
+    if cfg.init_from and cfg.base_model:
+        raise InputError("Give --init-from or --base-model, not both: --init-from already has its backbone.")
     # Before the grid: a model to fine-tune brings its own grid.
     init = _load_init(cfg) if cfg.init_from else None
     grid = GridSpec(tuple(cfg.grid_spacing), (cfg.grid_size, cfg.grid_size))
@@ -217,7 +219,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise InputError(f"--stage1-data must be masks or images, got {cfg.stage1_data!r}.")
 
     if cfg.base_model or init is not None:
-        cfg.stage1_steps = 0  # skipped: the card must not claim steps that never ran
+        # Stage 1 trains the base, which these bring pre-trained: 0 steps skips it below, and
+        # the card does not claim steps that never ran.
+        cfg.stage1_steps = 0
     if init is not None:
         model, encoder, init_card = init
     elif cfg.base_model:
@@ -236,16 +240,14 @@ def train(cfg: TrainConfig, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
     log_path = out / "train_log.csv"
-    state = {"stage": 1 if not (cfg.base_model or cfg.init_from) else 2, "step": 0}
+    state = {"stage": 1, "step": 0}
     if cfg.resume and (ckpt_dir / "state.json").is_file():
         state = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
         model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu"))
         log.info("resuming at stage %d step %d", state["stage"], state["step"])
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    stages = [(1, cfg.stage1_steps)] if not (cfg.base_model or cfg.init_from) else []
-    stages.append((2, cfg.stage2_steps))
-    for stage, steps in stages:
+    for stage, steps in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)):
         if stage < state["stage"] or steps <= 0:
             continue
         start = state["step"] if stage == state["stage"] else 0
@@ -362,19 +364,14 @@ def _load_init(cfg: TrainConfig) -> tuple[ProGiDiffModel, TextEncoder, dict]:
     """The model to fine-tune, its prompt encoder and card; ``cfg`` takes the model's grid so
     that the slices are sampled as it was trained."""
     from .engine import load_text_encoder
-    from .model import CARD_NAME
 
-    if cfg.base_model:
-        raise InputError("Give --init-from or --base-model, not both: --init-from already has its backbone.")
     folder = Path(cfg.init_from)
     model = ProGiDiffModel.from_pretrained(folder)
     mc = model.config
     cfg.grid_spacing, cfg.grid_size, cfg.context = tuple(mc.grid_spacing), int(mc.grid_size[0]), int(mc.context)
     cfg.anatomical_guidance = bool(mc.anatomical_guidance)
-    card_path = folder / CARD_NAME
-    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
     log.info("fine-tuning %s: stage 1 skipped, its %d px grid at %s mm kept", folder, cfg.grid_size, cfg.grid_spacing)
-    return model, load_text_encoder(model, folder), card
+    return model, load_text_encoder(model, folder), model.card
 
 
 def _checkpoint(accelerator, model, optimizer, ckpt_dir: Path, stage: int, step: int) -> None:
