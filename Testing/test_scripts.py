@@ -1,5 +1,6 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
-scripts/resample_dataset.py): the world geometry must survive, or a held-out slab would move."""
+scripts/resample_dataset.py, scripts/scale_dataset_body.py): the world geometry must survive,
+or a held-out slab would move."""
 from __future__ import annotations
 
 import importlib.util
@@ -58,3 +59,29 @@ def test_cropped_scan_is_a_slab_of_the_same_voxels():
     assert out.GetSize()[2] == 11 and out.GetSpacing() == img.GetSpacing()
     assert abs(out.TransformIndexToPhysicalPoint((0, 0, 0))[2] - 130.0) < 1e-6
     assert np.array_equal(sitk.GetArrayViewFromImage(out), sitk.GetArrayViewFromImage(img)[10:21])
+
+
+def _world_z_range(lab: sitk.Image) -> tuple[float, float]:
+    """World z of the lowest and highest labelled voxel centre, whatever the axis order."""
+    z = [lab.TransformIndexToPhysicalPoint([int(v) for v in kji[::-1]])[2]
+         for kji in np.argwhere(sitk.GetArrayViewFromImage(lab))]
+    return min(z), max(z)
+
+
+def test_body_scaled_scan_is_wider_in_plane_only_with_the_same_voxels():
+    sb = _load("scale_dataset_body")
+    for direction in [(-1, 0, 0, 0, -1, 0, 0, 0, 1), (0, 0, 1, 1, 0, 0, 0, 1, 0)]:  # axial; slices along array x
+        img, lab = _image(direction)
+        wide = sb.scale_in_plane(img, 1.15)
+        slice_axis = int(np.argmax(np.abs(np.array(direction).reshape(3, 3)[2, :])))
+        expect = [3.0 if a == slice_axis else 3.45 for a in range(3)]
+        assert np.allclose(wide.GetSpacing(), expect)
+        assert np.array_equal(sitk.GetArrayViewFromImage(wide), sitk.GetArrayViewFromImage(img))
+        centre = [(n - 1) / 2 for n in img.GetSize()]
+        assert np.allclose(wide.TransformContinuousIndexToPhysicalPoint(centre),
+                           img.TransformContinuousIndexToPhysicalPoint(centre))
+        assert np.allclose(_world_z_range(sb.scale_in_plane(lab, 1.15)), _world_z_range(lab))
+    # the tissue block is 12 voxels across x: 36 mm, then 41.4 mm
+    xs = lambda im: im.TransformIndexToPhysicalPoint((17, 0, 0))[0] - im.TransformIndexToPhysicalPoint((6, 0, 0))[0]
+    img, _ = _image()
+    assert abs(abs(xs(sb.scale_in_plane(img, 1.15))) - 1.15 * abs(xs(img))) < 1e-6

@@ -2,8 +2,9 @@
 # How the shipped CT model (and its baseline) hold up when the held-out slab comes from another
 # field of view or another scanner's resolution and noise: the same held-out slab of the one CT
 # person, (1) as shipped, (2) with the scan cropped to the upper abdomen (z >= 250 mm), (3) as
-# 5 mm thick slices at 1.5 mm in-plane with 20 HU more noise.
-# Writes docs/evaluation/ct-generalisation.md and the reports beside it. About 10 min on 2 CPU cores.
+# 5 mm thick slices at 1.5 mm in-plane with 20 HU more noise, (4, 5) as a body 0.85x and 1.15x
+# as wide (in-plane spacing scaled, voxels untouched).
+# Writes docs/evaluation/ct-generalisation.md and the reports beside it. About 20 min on 2 CPU cores.
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,20 +16,24 @@ PY=.venv/bin/python
 mkdir -p "$RUNS"
 [ -d "$RUNS/ct-upper-fov" ] || $PY scripts/crop_dataset_fov.py $DATA "$RUNS/ct-upper-fov" --z-min 250
 [ -d "$RUNS/ct-thick-noisy" ] || $PY scripts/resample_dataset.py $DATA "$RUNS/ct-thick-noisy" --spacing 1.5 1.5 5 --noise-hu 20
-for v in ct-upper-fov ct-thick-noisy; do
+[ -d "$RUNS/ct-body-slim" ] || $PY scripts/scale_dataset_body.py $DATA "$RUNS/ct-body-slim" --factor 0.85
+[ -d "$RUNS/ct-body-wide" ] || $PY scripts/scale_dataset_body.py $DATA "$RUNS/ct-body-wide" --factor 1.15
+for v in ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide; do
   mkdir -p docs/evaluation/$v
   $P evaluate $CT "$RUNS/$v" -n 8 --overwrite -o docs/evaluation/$v
 done
 {
-  echo "# The shipped CT model on other fields of view, resolutions and noise"
+  echo "# The shipped CT model on other fields of view, resolutions, noise and body sizes"
   echo
   echo "The same held-out slab of the one CT person (never trained on), presented as another protocol would: \`scripts/run_generalisation_test.sh\`."
   echo "8 proposals, 4 steps. Rows: as shipped (3 mm isotropic); cropped to z ≥ 250 mm (upper abdomen, another field of view);"
-  echo "resampled to 1.5 × 1.5 × 5 mm with a 5 mm slice profile and 20 HU more noise (a thick-slice low-dose protocol)."
-  echo "One person: this measures robustness to acquisition, not to anatomy."
+  echo "resampled to 1.5 × 1.5 × 5 mm with a 5 mm slice profile and 20 HU more noise (a thick-slice low-dose protocol);"
+  echo "the same voxels with the in-plane spacing × 0.85 and × 1.15 (a body 15 % narrower or wider; \`scripts/scale_dataset_body.py\`)."
+  echo "One person: this measures robustness to acquisition and to body size, not to anatomy (organ shapes, positions, pathology)."
   for m in ranked_first consensus baseline; do
     echo; echo "## ${m/_/-} Dice"; echo
     $PY scripts/compare_reports.py --metric $m "as shipped=docs/evaluation/ct-abdomen" "upper-abdomen field of view=docs/evaluation/ct-upper-fov" \
-      "5 mm slices + 20 HU noise=docs/evaluation/ct-thick-noisy"
+      "5 mm slices + 20 HU noise=docs/evaluation/ct-thick-noisy" "body 0.85× as wide=docs/evaluation/ct-body-slim" \
+      "body 1.15× as wide=docs/evaluation/ct-body-wide"
   done
 } > docs/evaluation/ct-generalisation.md
