@@ -4,7 +4,8 @@ ranked-first proposal and of four ways to fuse the N proposals into one mask, on
 slab of each dataset given. Why the engine's consensus is the majority vote, measured.
 
 Rules: majority vote (the engine's consensus: voxels in at least half of the proposals);
-STAPLE (Warfield et al. 2004, SimpleITK); SIMPLE (Langerak et al. 2010: drop proposals whose
+STAPLE (Warfield et al. 2004, SimpleITK), run on the whole scan and on the proposals' bounding
+box (STAPLE estimates its prior from the region it is given, so the two differ); SIMPLE (Langerak et al. 2010: drop proposals whose
 Dice with the current majority is below mean - 1 SD, repeat); shape-based averaging (Rohlfing
 & Maurer 2007: the mean signed distance map, inside where <= 0).
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ProGiDiffSlicer"))
 from progidiff.data import read_dataset, z_ranges  # noqa: E402
 from progidiff.engine import Engine, SegmentOptions  # noqa: E402
 from progidiff.evaluate import organ_label_values, slab_mask  # noqa: E402
-from progidiff.proposals import consensus  # noqa: E402
+from progidiff.proposals import bounding_box, consensus  # noqa: E402
 from progidiff.volume import read_scan  # noqa: E402
 
 
@@ -35,6 +36,15 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def staple(masks: np.ndarray, spacing) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.STAPLE([sitk.GetImageFromArray(m.astype(np.uint8)) for m in masks], 1.0)) >= 0.5
+
+
+def staple_in_box(masks: np.ndarray, spacing) -> np.ndarray:
+    out = np.zeros(masks.shape[1:], bool)
+    if not masks.any():
+        return out
+    box = bounding_box(masks.any(0))
+    out[box] = staple(masks[(slice(None),) + box], spacing)
+    return out
 
 
 def simple(masks: np.ndarray, spacing, alpha: float = 1.0) -> np.ndarray:
@@ -57,7 +67,8 @@ def shape_average(masks: np.ndarray, spacing) -> np.ndarray:
     return total <= 0  # Maurer's map is 0 on the mask's own boundary voxels
 
 
-RULES = {"majority (engine)": lambda m, sp: consensus(m), "STAPLE": staple, "SIMPLE": simple,
+RULES = {"majority (engine)": lambda m, sp: consensus(m), "STAPLE": staple, "STAPLE, proposals' box": staple_in_box,
+         "SIMPLE": simple,
          "shape-based averaging": shape_average}
 
 

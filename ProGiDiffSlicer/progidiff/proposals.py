@@ -9,7 +9,8 @@ import numpy as np
 REVIEW_AGREEMENT = 0.80
 
 
-def _bbox(union: np.ndarray) -> tuple[slice, ...]:
+def bounding_box(union: np.ndarray) -> tuple[slice, ...]:
+    """Index slices of the smallest box holding every True voxel (empty slices if none)."""
     if not union.any():
         return tuple(slice(0, 0) for _ in union.shape)
     sl = []
@@ -23,7 +24,7 @@ def _bbox(union: np.ndarray) -> tuple[slice, ...]:
 def pairwise_dice(masks: np.ndarray) -> np.ndarray:
     """(N, N) Dice between binary proposals; two empty masks agree (1.0)."""
     n = masks.shape[0]
-    box = _bbox(masks.any(0))
+    box = bounding_box(masks.any(0))
     flat = masks[(slice(None),) + box].reshape(n, -1)
     sizes = flat.sum(1).astype(np.float64)
     out = np.ones((n, n))
