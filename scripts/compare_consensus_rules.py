@@ -4,10 +4,11 @@ ranked-first proposal and of four ways to fuse the N proposals into one mask, on
 slab of each dataset given. Why the engine's consensus is the majority vote, measured.
 
 Rules: majority vote (the engine's consensus: voxels in at least half of the proposals);
-STAPLE (Warfield et al. 2004, SimpleITK), run on the whole scan and on the proposals' bounding
-box (STAPLE estimates its prior from the region it is given, so the two differ); SIMPLE (Langerak et al. 2010: drop proposals whose
-Dice with the current majority is below mean - 1 SD, repeat); shape-based averaging (Rohlfing
-& Maurer 2007: the mean signed distance map, inside where <= 0).
+STAPLE (Warfield et al. 2004, SimpleITK), run twice, on the whole scan and on the proposals'
+bounding box, because STAPLE estimates its prior from the region it is given; SIMPLE (Langerak
+et al. 2010: drop the proposals whose Dice with the current majority is below mean - 1 SD,
+repeat); shape-based averaging (Rohlfing & Maurer 2007: the mean signed distance map, inside
+where <= 0).
 
 example:
   python scripts/compare_consensus_rules.py Resources/Models/progidiff-ct-abdomen \\
@@ -50,7 +51,8 @@ def staple_in_box(masks: np.ndarray, spacing) -> np.ndarray:
 def simple(masks: np.ndarray, spacing, alpha: float = 1.0) -> np.ndarray:
     use = np.ones(len(masks), bool)
     while True:
-        q = np.array([dice(m, consensus(masks[use])) for m in masks])
+        estimate = consensus(masks[use])
+        q = np.array([dice(m, estimate) for m in masks])
         new = use & (q >= q[use].mean() - alpha * q[use].std())
         if new.sum() == use.sum() or new.sum() < 2:
             return consensus(masks[use])
@@ -67,17 +69,17 @@ def shape_average(masks: np.ndarray, spacing) -> np.ndarray:
     return total <= 0  # Maurer's map is 0 on the mask's own boundary voxels
 
 
+# Each rule: (proposals (N, Z, Y, X) bool, spacing x y z mm) -> fused mask (Z, Y, X) bool.
 RULES = {"majority (engine)": lambda m, sp: consensus(m), "STAPLE": staple, "STAPLE, proposals' box": staple_in_box,
-         "SIMPLE": simple,
-         "shape-based averaging": shape_average}
+         "SIMPLE": simple, "shape-based averaging": shape_average}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model")
+    p.add_argument("model", help="a ProGiDiff model folder (its card names the held-out slabs)")
     p.add_argument("datasets", nargs="+", help="nnU-Net-style folders; each case's held-out slab (model card) is scored")
-    p.add_argument("-n", "--proposals", type=int, default=8)
+    p.add_argument("-n", "--proposals", type=int, default=8, help="proposals per organ (default 8)")
     a = p.parse_args(argv)
     eng = Engine(a.model, device="cpu")
     holdout = eng.card.get("training", {}).get("holdout_z_mm", {})
