@@ -8,7 +8,7 @@ STAPLE (Warfield et al. 2004, SimpleITK), run twice, on the whole scan and on th
 bounding box, because STAPLE estimates its prior from the region it is given; SIMPLE (Langerak
 et al. 2010: drop the proposals whose Dice with the current majority is below mean - 1 SD,
 repeat); shape-based averaging (Rohlfing & Maurer 2007: the mean signed distance map, inside
-where <= 0).
+where <= 0). The runs/generalisation/* datasets are the ones scripts/run_generalisation_test.sh writes.
 
 example:
   python scripts/compare_consensus_rules.py Resources/Models/progidiff-ct-abdomen \\
