@@ -9,12 +9,14 @@ example:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dataset_copy import copy_dataset  # noqa: E402
 
 
 def crop_z(image: sitk.Image, z_min: float, z_max: float) -> sitk.Image:
@@ -49,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--z-max", type=float, default=1e9, help="highest world z (mm) to keep")
     a = p.parse_args(argv)
     src, dst = Path(a.dataset), Path(a.output)
-    for sub in ("imagesTr", "labelsTr"):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-        for f in sorted((src / sub).glob("*.nii*")):
-            sitk.WriteImage(crop_z(sitk.ReadImage(str(f)), a.z_min, a.z_max), str(dst / sub / f.name))
-    shutil.copy(src / "dataset.json", dst / "dataset.json")
+    copy_dataset(src, dst, lambda image, label: crop_z(image, a.z_min, a.z_max))
     print(f"cropped dataset written to {dst}")
     return 0
 

@@ -11,12 +11,14 @@ example:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dataset_copy import copy_dataset  # noqa: E402
 
 
 def resample(image: sitk.Image, spacing: tuple[float, float, float], label: bool, noise: float = 0.0,
@@ -58,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-hu", type=float, default=0.0, help="extra Gaussian image noise (standard deviation, image units)")
     a = p.parse_args(argv)
     src, dst = Path(a.dataset), Path(a.output)
-    for sub, label in (("imagesTr", False), ("labelsTr", True)):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-        for f in sorted((src / sub).glob("*.nii*")):
-            sitk.WriteImage(resample(sitk.ReadImage(str(f)), tuple(a.spacing), label, a.noise_hu), str(dst / sub / f.name))
-    shutil.copy(src / "dataset.json", dst / "dataset.json")
+    copy_dataset(src, dst, lambda image, label: resample(image, tuple(a.spacing), label, a.noise_hu))
     print(f"resampled dataset written to {dst}")
     return 0
 

@@ -12,12 +12,14 @@ example:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dataset_copy import copy_dataset  # noqa: E402
 
 
 def scale_in_plane(image: sitk.Image, factor: float) -> sitk.Image:
@@ -45,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.5 <= a.factor <= 2.0:
         p.error(f"--factor {a.factor} is outside 0.5-2.0; a body that much smaller or larger is not a test of anything")
     src, dst = Path(a.dataset), Path(a.output)
-    for sub in ("imagesTr", "labelsTr"):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-        for f in sorted((src / sub).glob("*.nii*")):
-            sitk.WriteImage(scale_in_plane(sitk.ReadImage(str(f)), a.factor), str(dst / sub / f.name))
-    shutil.copy(src / "dataset.json", dst / "dataset.json")
+    copy_dataset(src, dst, lambda image, label: scale_in_plane(image, a.factor))
     print(f"body-scaled dataset written to {dst}")
     return 0
 
