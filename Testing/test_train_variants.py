@@ -194,6 +194,33 @@ def test_init_from_fine_tunes_a_trained_model_on_its_own_grid(tmp_path, tiny_dat
                                                  SegmentOptions(proposals=1, steps=1))
     assert result.masks.shape[0] == 1
 
+    # A second link in the chain counts both before it: seconds, steps and commands in order.
+    again = tmp_path / "again"
+    assert main(["train", str(tiny_dataset), "-o", str(again), "--init-from", str(tuned), "--organs", "liver", "spleen",
+                 "--stage2-steps", "0", "--workers", "0"]) == 0
+    chain = json.loads((again / "model_card.json").read_text(encoding="utf-8"))["training"]["init_from"]
+    first = json.loads((tiny_model / "model_card.json").read_text(encoding="utf-8"))["training"]
+    assert chain["steps"] == 4 + 6 + 3
+    assert chain["seconds"] == pytest.approx(card["training"]["seconds"] + first["seconds"])
+    assert chain["commands"] == [first["command"], card["training"]["command"]]
+    assert "in 2 runs" in (again / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("body_scale", [(1.5, 1.5), (0.6, 0.6)])
+def test_body_scale_augmentation_draws_the_content_that_many_times_as_large(body_scale):
+    """--body-scale is the content's size: MONAI's RandAffine scale factor is its inverse."""
+    from progidiff.data import augmentation
+
+    img = np.zeros((1, 64, 64), np.float32)
+    img[0, 22:42, 22:42] = 1.0
+    t = augmentation(body_scale=body_scale)
+    t.set_random_state(seed=0)
+    spatial = t.transforms[0]  # the affine alone: scale, rotation and shift; area depends on scale only
+    spatial.prob = 1.0
+    spatial.rand_affine.rand_affine_grid.rotate_range = (0.0,)
+    out = np.asarray(spatial({"image": img, "label": img.copy()})["label"])
+    assert (out > 0.5).sum() / 400.0 == pytest.approx(body_scale[0] ** 2, rel=0.1)
+
     capsys.readouterr()
     assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "x"), "--init-from", str(tiny_model), "--baseline", "unet"]) != 0
     assert "--init-from" in capsys.readouterr().err

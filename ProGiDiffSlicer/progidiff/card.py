@@ -29,8 +29,11 @@ def render(card: dict) -> str:
     if t.get("init_from"):
         i = t["init_from"]
         first = (i.get("seconds") or 0) / 60
-        lines.append(f"- Fine-tuned from `{i.get('model')}` ({first:.1f} min and {i.get('steps', '?')} steps to train; "
-                     f"command: `{i.get('command')}`): **{first + t.get('seconds', 0) / 60:.1f} min in all**")
+        chain = i.get("commands") or [i.get("command")]
+        lines.append(f"- Fine-tuned from `{i.get('model')}` ({first:.1f} min and {i.get('steps', '?')} steps to train"
+                     f"{', in ' + str(len(chain)) + ' runs' if len(chain) > 1 else ''}; "
+                     f"command{'s, in order' if len(chain) > 1 else ''}: {'; '.join(f'`{c}`' for c in chain)}): "
+                     f"**{first + t.get('seconds', 0) / 60:.1f} min in all**")
     if t.get("holdout_z_mm"):
         lines.append(f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}")
     if t.get("adapt_z_mm"):

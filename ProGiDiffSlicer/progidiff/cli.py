@@ -80,6 +80,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "ones), over the whole batch (how ct-v3 was trained; large organs dominate, vessels are not "
                         "learned) or both, summed (default: learns the vessels and keeps more of the large organs than "
                         "the per-slice Dice alone)")
+    p.add_argument("--body-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=list(d.body_scale),
+                   help="body-size augmentation: each training slice's content drawn MIN to MAX times as large "
+                        "(default %(default)s)")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
@@ -102,7 +105,7 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale,
                       holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
-                      dice_loss=a.dice_loss, init_from=a.init_from)
+                      dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale))
     out = train(cfg)
     print(f"model saved to {out}")
     return 0

@@ -107,10 +107,16 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
                         body_axis_coords(image))
 
 
-def augmentation(keys: tuple[str, str] = ("image", "label"), strong: bool = True):
+#: Default range of the body-size augmentation: the slice's content drawn 0.8x to 1.33x as large.
+BODY_SCALE = (0.8, 4 / 3)
+
+
+def augmentation(keys: tuple[str, str] = ("image", "label"), strong: bool = True,
+                 body_scale: tuple[float, float] = BODY_SCALE):
     """MONAI dictionary transforms that make one body look like others.
 
-    Spatial: rotation ±15°, scale ±25 % (body size), shift ±8 px (crop/field of view),
+    Spatial: rotation ±15°, scale (body size: the content drawn ``body_scale`` times as large,
+    each in-plane axis on its own), shift ±8 px (crop/field of view),
     elastic deformation. Intensity: contrast (gamma), scale/shift (window, contrast
     phase), blur and low-resolution simulation (slice thickness, reconstruction kernel),
     noise, and a bias field (MR inhomogeneity). No left-right flip: the vocabulary has
@@ -120,8 +126,12 @@ def augmentation(keys: tuple[str, str] = ("image", "label"), strong: bool = True
 
     img, lab = keys
     p = 1.0 if strong else 0.5
+    # RandAffine's scale factor s samples the input at s times the output's coordinates, so the
+    # content appears 1/s as large; the range is given in MONAI's form, s - 1.
+    lo, hi = body_scale
+    scale = (1.0 / hi - 1.0, 1.0 / lo - 1.0)
     return T.Compose([
-        T.RandAffined(keys=[img, lab], prob=0.9 * p, rotate_range=(0.26,), scale_range=(0.25, 0.25),
+        T.RandAffined(keys=[img, lab], prob=0.9 * p, rotate_range=(0.26,), scale_range=(scale, scale),
                       translate_range=(8, 8), mode=("bilinear", "nearest"), padding_mode="zeros"),
         T.Rand2DElasticd(keys=[img, lab], prob=0.2 * p, spacing=(16, 16), magnitude_range=(0.5, 1.5),
                          mode=("bilinear", "nearest"), padding_mode="zeros"),
@@ -154,7 +164,8 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __init__(self, cases: list[PreparedCase], organs: Sequence[str], context: int, length: int,
                  seed: int = 0, positive_fraction: float = 0.75, augment: bool = True,
-                 exclude_z: dict[str, list[tuple[float, float]]] | None = None, multilabel: bool = False) -> None:
+                 exclude_z: dict[str, list[tuple[float, float]]] | None = None, multilabel: bool = False,
+                 body_scale: tuple[float, float] = BODY_SCALE) -> None:
         self.cases = cases
         self.multilabel = multilabel
         self.organs = list(organs)
@@ -162,7 +173,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.length = length
         self.seed = seed
         self.positive_fraction = positive_fraction
-        self.transform = augmentation() if augment else None
+        self.transform = augmentation(body_scale=body_scale) if augment else None
         self.stacks = [context_slices(c.image, context) for c in cases]
         # Slices usable for training (outside any held-out slab, inside the body).
         self.allowed: list[np.ndarray] = []

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import PreparedCase, SliceDataset, prepare_case, read_dataset
+from .data import BODY_SCALE, PreparedCase, SliceDataset, prepare_case, read_dataset
 from .errors import InputError
 from .model import ProGiDiffModel, small_unet_config
 from .prompts import TextEncoder, Vocabulary
@@ -77,6 +77,8 @@ class TrainConfig:
     #: large organs dominate; the model trained so learned nothing of the aorta, IVC or pancreas)
     #: or "both", their sum (the default: see mask_dice_loss for the measured comparison).
     dice_loss: str = "both"
+    #: Body-size augmentation: each slice's content drawn this many times as large (min, max).
+    body_scale: tuple[float, float] = BODY_SCALE
     #: "unet": train the deterministic MONAI UNet baseline instead (same data, transforms, budget).
     baseline: str | None = None
     resume: bool = False
@@ -265,7 +267,8 @@ def train(cfg: TrainConfig, progress: bool = True,
         # Unlabelled pre-training must not pick slices by their labels: every body slice alike.
         ds = SliceDataset(cases, cfg.organs, cfg.context, length=steps * cfg.batch_size * accelerator.num_processes,
                           seed=cfg.seed * 1000 + stage, exclude_z=slabs,
-                          positive_fraction=0.0 if stage == 1 and cfg.stage1_data == "images" else 0.75)
+                          positive_fraction=0.0 if stage == 1 and cfg.stage1_data == "images" else 0.75,
+                          body_scale=tuple(cfg.body_scale))
         sampler = torch.utils.data.SequentialSampler(range(start * cfg.batch_size * accelerator.num_processes, len(ds)))
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(ds, list(sampler)), batch_size=cfg.batch_size, num_workers=cfg.workers,
@@ -346,10 +349,15 @@ def train(cfg: TrainConfig, progress: bool = True,
             # A fine-tuned model's real cost includes the model it started from.
             it = init_card.get("training", {})
             ic = it.get("config", {})
+            # A chain of fine-tunes counts every link: the seconds, steps and commands of all the
+            # models before this one, in the order they ran.
+            prior = it.get("init_from", {})
             card["training"]["init_from"] = {"model": init_card.get("name"), "command": it.get("command"),
-                                             "seconds": it.get("seconds"),
+                                             "commands": prior.get("commands", [prior["command"]] if prior.get("command") else [])
+                                             + [it.get("command")],
+                                             "seconds": (it.get("seconds") or 0) + (prior.get("seconds") or 0),
                                              "steps": ic.get("stage1_steps", 0) + ic.get("stage2_steps", 0)
-                                             + it.get("init_from", {}).get("steps", 0)}
+                                             + prior.get("steps", 0)}
         model.save_pretrained(out, card=card)
         from .card import write_markdown
 
