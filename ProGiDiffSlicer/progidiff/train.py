@@ -346,18 +346,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                          "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()}},
         }
         if init_card is not None:
-            # A fine-tuned model's real cost includes the model it started from.
-            it = init_card.get("training", {})
-            ic = it.get("config", {})
-            # A chain of fine-tunes counts every link: the seconds, steps and commands of all the
-            # models before this one, in the order they ran.
-            prior = it.get("init_from", {})
-            card["training"]["init_from"] = {"model": init_card.get("name"), "command": it.get("command"),
-                                             "commands": prior.get("commands", [prior["command"]] if prior.get("command") else [])
-                                             + [it.get("command")],
-                                             "seconds": (it.get("seconds") or 0) + (prior.get("seconds") or 0),
-                                             "steps": ic.get("stage1_steps", 0) + ic.get("stage2_steps", 0)
-                                             + prior.get("steps", 0)}
+            card["training"]["init_from"] = init_record(init_card)
         model.save_pretrained(out, card=card)
         from .card import write_markdown
 
@@ -366,6 +355,18 @@ def train(cfg: TrainConfig, progress: bool = True,
         log.info("saved model to %s after %.0fs", out, seconds)
     accelerator.wait_for_everyone()
     return out
+
+
+def init_record(init_card: dict) -> dict:
+    """What a fine-tuned model's card says of the model it started from: its real cost is the
+    whole chain, so the seconds, steps and commands of every model before it, in the order they ran."""
+    it = init_card.get("training", {})
+    ic = it.get("config", {})
+    prior = it.get("init_from", {})
+    earlier = prior.get("commands", [prior["command"]] if prior.get("command") else [])
+    return {"model": init_card.get("name"), "command": it.get("command"), "commands": earlier + [it.get("command")],
+            "seconds": (it.get("seconds") or 0) + (prior.get("seconds") or 0),
+            "steps": ic.get("stage1_steps", 0) + ic.get("stage2_steps", 0) + prior.get("steps", 0)}
 
 
 def _load_init(cfg: TrainConfig) -> tuple[ProGiDiffModel, TextEncoder, dict]:
