@@ -193,6 +193,11 @@ def test_init_from_fine_tunes_a_trained_model_on_its_own_grid(tmp_path, tiny_dat
     result = Engine(tuned, device="cpu").segment(read_scan(tiny_dataset / "imagesTr" / "case_001_0000.nii.gz"), "spleen",
                                                  SegmentOptions(proposals=1, steps=1))
     assert result.masks.shape[0] == 1
+    capsys.readouterr()
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "x"), "--init-from", str(tiny_model), "--baseline", "unet"]) != 0
+    assert "--init-from" in capsys.readouterr().err
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "y"), "--init-from", str(tmp_path / "nope")]) != 0
+    assert "error" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
     # A second link in the chain counts both before it: seconds, steps and commands in order.
     again = tmp_path / "again"
@@ -204,6 +209,14 @@ def test_init_from_fine_tunes_a_trained_model_on_its_own_grid(tmp_path, tiny_dat
     assert chain["seconds"] == pytest.approx(card["training"]["seconds"] + first["seconds"])
     assert chain["commands"] == [first["command"], card["training"]["command"]]
     assert "in 2 runs" in (again / "README.md").read_text(encoding="utf-8")
+
+
+def test_body_scale_out_of_range_is_one_line_error(tmp_path, tiny_dataset, capsys):
+    from progidiff.cli import main
+
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "m"), "--body-scale", "1.3", "0.6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--body-scale" in err and "\n" not in err and not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("body_scale", [(1.5, 1.5), (0.6, 0.6)])
@@ -221,8 +234,3 @@ def test_body_scale_augmentation_draws_the_content_that_many_times_as_large(body
     out = np.asarray(spatial({"image": img, "label": img.copy()})["label"])
     assert (out > 0.5).sum() / 400.0 == pytest.approx(body_scale[0] ** 2, rel=0.1)
 
-    capsys.readouterr()
-    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "x"), "--init-from", str(tiny_model), "--baseline", "unet"]) != 0
-    assert "--init-from" in capsys.readouterr().err
-    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "y"), "--init-from", str(tmp_path / "nope")]) != 0
-    assert "error" in capsys.readouterr().err and not (tmp_path / "y").exists()

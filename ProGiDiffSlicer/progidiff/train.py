@@ -201,6 +201,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise InputError("--init-from fine-tunes a ProGiDiff model; the --baseline UNet always trains from scratch.")
     if cfg.init_from and cfg.base_model:
         raise InputError("Give --init-from or --base-model, not both: --init-from already has its backbone.")
+    lo, hi = cfg.body_scale
+    if not 0.2 <= lo <= hi <= 5.0:
+        raise InputError(f"--body-scale MIN MAX needs 0.2 <= MIN <= MAX <= 5 (times as large), got {lo:g} {hi:g}.")
     # Before the grid: a model to fine-tune brings its own grid.
     init = _load_init(cfg) if cfg.init_from else None
     grid = GridSpec(tuple(cfg.grid_spacing), (cfg.grid_size, cfg.grid_size))
