@@ -193,6 +193,7 @@ def test_init_from_fine_tunes_a_trained_model_on_its_own_grid(tmp_path, tiny_dat
     result = Engine(tuned, device="cpu").segment(read_scan(tiny_dataset / "imagesTr" / "case_001_0000.nii.gz"), "spleen",
                                                  SegmentOptions(proposals=1, steps=1))
     assert result.masks.shape[0] == 1
+
     capsys.readouterr()
     assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "x"), "--init-from", str(tiny_model), "--baseline", "unet"]) != 0
     assert "--init-from" in capsys.readouterr().err
@@ -233,4 +234,3 @@ def test_body_scale_augmentation_draws_the_content_that_many_times_as_large(body
     spatial.rand_affine.rand_affine_grid.rotate_range = (0.0,)
     out = np.asarray(spatial({"image": img, "label": img.copy()})["label"])
     assert (out > 0.5).sum() / 400.0 == pytest.approx(body_scale[0] ** 2, rel=0.1)
-
