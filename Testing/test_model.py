@@ -148,3 +148,24 @@ def test_shipped_baseline_is_documented_and_loads(shipped_model):
     assert card["training"]["steps"] == cfg["stage1_steps"] + cfg["stage2_steps"] + init_steps
     assert (folder / "README.md").is_file()
     assert set(Baseline(folder).organs) == set(model_card["organs"])
+
+
+def test_card_shows_the_report_s_rounding(tmp_path):
+    """The card's README prints each Dice as report.md does (3 decimals of the measured value), not a
+    value rounded twice: 0.61349... once showed as 0.614 in the card and 0.613 in the report."""
+    from progidiff.evaluate import record_in_card
+
+    (tmp_path / CARD_NAME).write_text(json.dumps({"name": "m", "modality": "CT"}), encoding="utf-8")
+    d, h = 0.6134969592094421, 24.949
+    organ = {m: {"dice": d, "hd95": h} for m in ("ranked_first", "consensus", "best_of_n", "randtop3", "baseline")}
+    rep = {"dataset": "data/ct", "evaluated_on": {}, "proposals": 8, "steps": 4, "device": "cpu", "command": "c",
+           "organs": {"ivc": {**organ, "ged": d}},
+           "mean_dice": {m: d for m in ("ranked_first", "consensus", "best_of_n", "randtop3", "baseline")}}
+    record_in_card(rep, tmp_path, None)
+    row = next(r for r in (tmp_path / "README.md").read_text(encoding="utf-8").splitlines() if r.startswith("| ivc |"))
+    assert row == f"| ivc | {d:.3f} | {h:.1f} | " + " | ".join([f"{d:.3f}"] * 5) + " |", row
+    # an organ with nothing predicted has no HD95: null in the card (strict JSON), "–" in its README
+    rep["organs"]["ivc"]["ranked_first"]["hd95"] = float("nan")
+    record_in_card(rep, tmp_path, None)
+    json.loads((tmp_path / CARD_NAME).read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"{c} in the card"))
+    assert "| ivc | 0.613 | – |" in (tmp_path / "README.md").read_text(encoding="utf-8")

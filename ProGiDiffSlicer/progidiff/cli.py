@@ -83,7 +83,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--body-scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=list(d.body_scale),
                    help="body-size augmentation: each training slice's content drawn MIN to MAX times as large "
                         f"(default {d.body_scale[0]:g} {d.body_scale[1]:.3g}; the shipped model's last 600 steps used "
-                        "0.6 1.3333, which keeps the spleen on smaller bodies)")
+                        "0.6 1.6667, which keeps the spleen on smaller bodies and the stomach on larger ones)")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
