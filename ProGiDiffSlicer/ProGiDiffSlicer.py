@@ -253,8 +253,7 @@ class ProGiDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showSession(self) -> None:
         s = self.session
         self.ui.proposalLabel.text = s.label() if s else "no proposals"
-        self.ui.reviewNoticeLabel.text = ("⚠ The proposals disagree strongly: review carefully before accepting."
-                                          if s and s.review else "")
+        self.ui.reviewNoticeLabel.text = s.notice() if s else ""
         if s:
             from ProGiDiffSlicerLib import mrml_io
 

@@ -1,6 +1,7 @@
 import numpy as np
 
-from progidiff.proposals import REVIEW_AGREEMENT, consensus, pairwise_dice, rank, uncertainty, volumes_ml
+from progidiff.proposals import (CONSENSUS_MIN_AGREEMENT, REVIEW_AGREEMENT, consensus, engine_consensus, pairwise_dice,
+                                 rank, uncertainty, volumes_ml)
 
 
 def _masks():
@@ -34,6 +35,25 @@ def test_consensus_and_uncertainty():
     assert u[5, 5, 5] == np.float32(4 * 0.75 * 0.25) and u[9, 9, 9] == 0 and u.dtype == np.float32
     even = np.array([[True], [False]])
     assert uncertainty(even)[0] == 1.0
+
+
+def test_engine_consensus_falls_back_to_the_ranked_first_where_proposals_scatter():
+    # four proposals in four places, the first (ranked-first) larger: the vote keeps nothing
+    scattered = np.zeros((4, 10, 10, 10), bool)
+    for k in range(4):
+        scattered[k, 2 * k:2 * k + 2, 2:8, 2:8] = True
+    scattered[0, 0:2] = True
+    r = rank(scattered)
+    ranked = scattered[r.order]
+    assert r.agreement < CONSENSUS_MIN_AGREEMENT and not consensus(ranked).any()
+    fused, rule = engine_consensus(ranked, r.agreement)
+    assert rule == "ranked-first" and np.array_equal(fused, ranked[0]) and fused is not ranked[0]
+    # five alike and one outlier: the majority vote, which drops the outlier
+    m = np.concatenate([np.repeat(_masks()[:1], 5, 0), _masks()[3:]])
+    r = rank(m)
+    assert r.agreement >= CONSENSUS_MIN_AGREEMENT
+    fused, rule = engine_consensus(m[r.order], r.agreement)
+    assert rule == "majority" and np.array_equal(fused, consensus(m)) and not fused[1, 1, 1]
 
 
 def test_volumes():

@@ -4,6 +4,7 @@ or a held-out slab would move."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,18 @@ def test_consensus_rules_fuse_agreeing_proposals_and_reject_outliers():
     # SIMPLE drops the three outliers, so it returns the majority of the five agreeing proposals
     assert np.array_equal(cr.simple(masks, sp), cr.consensus(masks[:5]))
     assert not cr.staple_in_box(np.zeros_like(masks), sp).any()
+
+
+def test_consensus_agreement_gate_uses_the_ranked_first_below_the_threshold(tmp_path):
+    cg = _load("consensus_agreement_gate")
+    cases = [{"agreement": a, "ranked_first": {"dice": rf}, "consensus": {"dice": c}}
+             for a, rf, c in [(0.3, 0.40, 0.20), (0.7, 0.80, 0.90), (0.9, 0.85, 0.84)]]
+    (tmp_path / "slab").mkdir()
+    (tmp_path / "slab" / "report.json").write_text(json.dumps({"cases": cases}), encoding="utf-8")
+    rows = cg.case_rows(tmp_path)
+    assert len(rows) == 3
+    vote = cg.gate(rows, 0.0)
+    assert vote["below"] == 2 and abs(vote["worst"] + 0.20) < 1e-9 and vote["fallbacks"] == 0
+    gated = cg.gate(rows, 0.6)  # the first pair falls back to its ranked-first proposal
+    assert gated["below"] == 1 and abs(gated["worst"] + 0.01) < 1e-9 and gated["fallbacks"] == 1
+    assert abs(gated["mean"] - (0.0 + 0.10 - 0.01) / 3) < 1e-9

@@ -102,3 +102,17 @@ def test_edits_after_accept_feed_a_refine_run(result, tiny_model, ct_crop):
             np.testing.assert_array_equal(m[changed], edited[changed])
     finally:
         w.shutdown()
+
+
+def test_notice_says_when_the_consensus_is_the_ranked_first_proposal(result):
+    from dataclasses import replace
+
+    from progidiff.proposals import ProposalSet
+
+    def notice(agreement, rule):
+        ranking = ProposalSet(result.ranking.order, result.ranking.scores, agreement, agreement < 0.8)
+        return ProposalSession(FakeScene(), replace(result, ranking=ranking, consensus_rule=rule), "volume").notice()
+
+    assert notice(0.95, "majority") == ""
+    assert notice(0.7, "majority").startswith("⚠ The proposals disagree strongly") and "vote" not in notice(0.7, "majority")
+    assert notice(0.4, "ranked-first").endswith("the consensus is the ranked-first proposal.")

@@ -53,6 +53,15 @@ class ProposalSession:
     def review(self) -> bool:
         return bool(self.result.ranking.review)
 
+    def notice(self) -> str:
+        """The warning shown under the proposals: empty when they agree."""
+        lines = []
+        if self.review:
+            lines.append("⚠ The proposals disagree strongly: review carefully before accepting.")
+        if getattr(self.result, "consensus_rule", "majority") == "ranked-first":
+            lines.append("Too little agreement for a vote: the consensus is the ranked-first proposal.")
+        return "\n".join(lines)
+
     def label(self) -> str:
         """'3 of 8 · agreement 0.91 · 142 mL'"""
         info = self.infos[self.index]

@@ -20,7 +20,7 @@ import torch
 from .errors import InputError, ModelError, PromptError
 from .model import DEFAULT_TEXT_ENCODER, ProGiDiffModel
 from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
-from .proposals import ProposalSet, consensus, kji_to_world, largest_diameter_mm, rank, uncertainty, volumes_ml
+from .proposals import ProposalSet, engine_consensus, kji_to_world, largest_diameter_mm, rank, uncertainty, volumes_ml
 from .sampling import SCHEDULERS, sample_proposals
 from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, from_model_grid, guess_modality,
                      model_grid, to_model_grid)
@@ -114,7 +114,7 @@ class SegmentResult:
     ranking: ProposalSet                   # scores/agreement; order already applied to masks
     scores: list[float]                    # per output proposal (best first)
     volumes_ml: list[float]
-    consensus: np.ndarray
+    consensus: np.ndarray                  # majority vote, or the ranked-first proposal (consensus_rule)
     uncertainty: np.ndarray
     grid: sitk.Image                       # model grid (for the overview picture)
     grid_image: np.ndarray                 # scan on the model grid (Z, H, W) in [0, 1]
@@ -126,6 +126,7 @@ class SegmentResult:
     diameters_mm: list[float] = field(default_factory=list)
     adapter: str | None = None
     timings: dict = field(default_factory=dict)
+    consensus_rule: str = "majority"       # or "ranked-first": the proposals agree too little to vote
 
 
 class Engine:
@@ -313,15 +314,17 @@ class Engine:
         order = ranking.order
         masks = masks[order]
         to_world = kji_to_world(scan.image)
+        fused, rule = engine_consensus(masks, ranking.agreement)
         timings["postprocess"] = time.time() - t2
         return SegmentResult(
             organ=p["res"].organ, prompt=prompt, similarity=p["res"].similarity, modality=p["modality"],
             modality_reason=p["reason"], image=scan.image, masks=masks, seeds=[seeds[i] for i in order],
             ranking=ranking, scores=[ranking.scores[i] for i in order],
-            volumes_ml=volumes_ml(masks, scan.voxel_volume_ml), consensus=consensus(masks),
+            volumes_ml=volumes_ml(masks, scan.voxel_volume_ml), consensus=fused,
             uncertainty=uncertainty(masks), grid=ref, grid_image=vol, grid_masks=grid_masks[order],
             steps=opts.steps, scheduler=opts.scheduler, device=str(self.device), seconds=time.time() - t0,
-            diameters_mm=[largest_diameter_mm(m, to_world) for m in masks], adapter=p["adapter"], timings=timings)
+            diameters_mm=[largest_diameter_mm(m, to_world) for m in masks], adapter=p["adapter"], timings=timings,
+            consensus_rule=rule)
 
 
 def _keep_largest(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from .data import read_dataset, z_ranges
 from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
 from .outputs import staging
+from .proposals import CONSENSUS_MIN_AGREEMENT
 from .volume import read_scan
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,8 @@ def _markdown(rep: dict) -> str:
     m = rep["mean_dice"]
     lines.append(f"| **mean** | **{m['ranked_first']:.3f}** | | **{m['consensus']:.3f}** | | **{m['best_of_n']:.3f}** | "
                  f"**{m['randtop3']:.3f}** | | |" + (f" **{m['baseline']:.3f}** | |" if has_base else ""))
+    lines += ["", "Consensus: the engine's, the majority vote of the proposals, or the ranked-first proposal where their "
+              f"agreement (mean pairwise Dice) is below {CONSENSUS_MIN_AGREEMENT:g}."]
     if any("edit" in o for o in rep["organs"].values()):
         lines += ["", "Simulated expert edit (the ranked-first proposal corrected on its worst slice, then `refine`):", "",
                   "| organ | Dice before | Dice after refine | kept voxels unchanged |", "|---|---|---|---|"]

@@ -42,6 +42,7 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "diameter_mm": _range(result.diameters_mm, 1),
         "agreement": round(result.ranking.agreement, 4),
         "review": bool(result.ranking.review),
+        "consensus_rule": result.consensus_rule,
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
         "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),
                  "origin": list(result.image.GetOrigin()), "direction": list(result.image.GetDirection())},
