@@ -1,5 +1,6 @@
 """Re-sampling around an expert's edits keeps the kept voxels exactly."""
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from progidiff.cli import main
@@ -43,7 +44,8 @@ def test_evaluate_with_simulated_edits(tiny_model, tiny_dataset, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", str(tiny_model), str(tiny_dataset), "-n", "3", "--steps", "2", "--simulate-edits",
                  "-o", str(out)]) == 0
-    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    # strict JSON: an undefined HD95 is null, never NaN
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(c))
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
     for organ, o in rep["organs"].items():
         for m in ("ranked_first", "consensus", "best_of_n", "randtop3"):
@@ -51,3 +53,11 @@ def test_evaluate_with_simulated_edits(tiny_model, tiny_dataset, tmp_path):
         assert "ged" in o and o["edit"]["kept_voxels_unchanged"]
     # the tiny model saw the whole crop: the report must say so rather than pass it off as held out
     assert "TRAINED ON" in rep["evaluated_on"]["case_001"]
+
+
+def test_undefined_hd95_is_null_in_json_and_a_dash_in_markdown():
+    from progidiff.evaluate import _mm, strict_json
+
+    rep = {"organs": {"pancreas": {"baseline": {"dice": 0.0, "hd95": float("nan")}}}, "steps": [1, float("inf")]}
+    assert strict_json(rep) == {"organs": {"pancreas": {"baseline": {"dice": 0.0, "hd95": None}}}, "steps": [1, None]}
+    assert _mm(float("nan")) == _mm(None) == "–" and _mm(6.04) == "6.0"

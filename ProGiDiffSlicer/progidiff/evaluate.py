@@ -177,7 +177,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         report["adapter"] = locals().get("used_adapter")
         report["baseline"] = str(base_dir) if base_net is not None else None
         report["modality"] = modality
-        (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(strict_json(report), indent=2, allow_nan=False), encoding="utf-8")
         (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
         _figure(report, tmp / "report.png")
     return report
@@ -239,6 +239,23 @@ def _summarise(rows, regions, engine, dataset, n, steps, seconds, command) -> di
             "cases": [{"case": r.case, "organ": r.organ, **r.metrics} for r in rows]}
 
 
+def strict_json(value):
+    """``value`` with every NaN or infinity replaced by None: an HD95 is undefined where nothing was
+    predicted, and json.dumps would write it as NaN, which strict JSON readers (jq, browsers) refuse."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _mm(value) -> str:
+    """An HD95 for the tables: '–' where it is undefined."""
+    return "–" if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
 def _markdown(rep: dict) -> str:
     lines = [f"# Evaluation of `{Path(rep['model']).name}`", "",
              f"Dataset `{rep['dataset']}`, {rep['proposals']} proposals, {rep['steps']} steps, device {rep['device']}, "
@@ -251,11 +268,11 @@ def _markdown(rep: dict) -> str:
     lines += ["", head + (" baseline UNet Dice | HD95 mm |" if has_base else ""),
               "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if has_base else "")]
     for name, o in rep["organs"].items():
-        row = (f"| {name} | {o['ranked_first']['dice']:.3f} | {o['ranked_first']['hd95']:.1f} | {o['consensus']['dice']:.3f} | "
-               f"{o['consensus']['hd95']:.1f} | {o['best_of_n']['dice']:.3f} | {o['randtop3']['dice']:.3f} | "
+        row = (f"| {name} | {o['ranked_first']['dice']:.3f} | {_mm(o['ranked_first']['hd95'])} | {o['consensus']['dice']:.3f} | "
+               f"{_mm(o['consensus']['hd95'])} | {o['best_of_n']['dice']:.3f} | {o['randtop3']['dice']:.3f} | "
                f"{o['ged']:.3f} | {o['agreement']:.3f} |")
         if has_base:
-            row += f" {o['baseline']['dice']:.3f} | {o['baseline']['hd95']:.1f} |"
+            row += f" {o['baseline']['dice']:.3f} | {_mm(o['baseline']['hd95'])} |"
         lines.append(row)
     m = rep["mean_dice"]
     lines.append(f"| **mean** | **{m['ranked_first']:.3f}** | | **{m['consensus']:.3f}** | | **{m['best_of_n']:.3f}** | "
@@ -310,7 +327,7 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
         # 0.61349... as 0.614 in the card and 0.613 in report.md.
         "organs": {k: {"ranked_first_dice": round(v["ranked_first"]["dice"], 6),
                        # null, not NaN (which strict JSON readers refuse), where nothing was predicted
-                       "ranked_first_hd95_mm": None if math.isnan(v["ranked_first"]["hd95"]) else round(v["ranked_first"]["hd95"], 3),
+                       "ranked_first_hd95_mm": None if _mm(v["ranked_first"]["hd95"]) == "–" else round(v["ranked_first"]["hd95"], 3),
                        "consensus_dice": round(v["consensus"]["dice"], 6), "best_of_n_dice": round(v["best_of_n"]["dice"], 6),
                        "randtop3_dice": round(v["randtop3"]["dice"], 6), "ged": round(v["ged"], 6),
                        **({"baseline_unet_dice": round(v["baseline"]["dice"], 6)} if "baseline" in v else {})}
