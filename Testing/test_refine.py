@@ -56,8 +56,9 @@ def test_evaluate_with_simulated_edits(tiny_model, tiny_dataset, tmp_path):
 
 
 def test_undefined_hd95_is_null_in_json_and_a_dash_in_markdown():
-    from progidiff.evaluate import _mm, strict_json
+    from progidiff.card import format_mm
+    from progidiff.evaluate import strict_json
 
     rep = {"organs": {"pancreas": {"baseline": {"dice": 0.0, "hd95": float("nan")}}}, "steps": [1, float("inf")]}
     assert strict_json(rep) == {"organs": {"pancreas": {"baseline": {"dice": 0.0, "hd95": None}}}, "steps": [1, None]}
-    assert _mm(float("nan")) == _mm(None) == "–" and _mm(6.04) == "6.0"
+    assert format_mm(float("nan")) == format_mm(None) == "–" and format_mm(6.04) == "6.0"

@@ -107,10 +107,10 @@ def test_edits_after_accept_feed_a_refine_run(result, tiny_model, ct_crop):
 def test_notice_says_when_the_consensus_is_the_ranked_first_proposal(result):
     from dataclasses import replace
 
-    from progidiff.proposals import ProposalSet
+    from progidiff.proposals import REVIEW_AGREEMENT, ProposalSet
 
     def notice(agreement, rule):
-        ranking = ProposalSet(result.ranking.order, result.ranking.scores, agreement, agreement < 0.8)
+        ranking = ProposalSet(result.ranking.order, result.ranking.scores, agreement, agreement < REVIEW_AGREEMENT)
         return ProposalSession(FakeScene(), replace(result, ranking=ranking, consensus_rule=rule), "volume").notice()
 
     assert notice(0.95, "majority") == ""

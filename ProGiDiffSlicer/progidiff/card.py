@@ -3,7 +3,13 @@ JSON card so the two never disagree."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+
+def format_mm(value: float | None) -> str:
+    """A distance (HD95) for the tables: '–' where it is undefined (nothing predicted: NaN, or null in JSON)."""
+    return "–" if value is None or not math.isfinite(value) else f"{value:.1f}"
 
 
 def render(card: dict) -> str:
@@ -51,7 +57,7 @@ def render(card: dict) -> str:
                   + (" baseline UNet Dice |" if base else ""),
                   "|---|---|---|---|---|---|---|" + ("---|" if base else "")]
         for organ, o in m["organs"].items():
-            lines.append(f"| {organ} | {o['ranked_first_dice']:.3f} | {'–' if o['ranked_first_hd95_mm'] is None else format(o['ranked_first_hd95_mm'], '.1f')} | {o['consensus_dice']:.3f} | "
+            lines.append(f"| {organ} | {o['ranked_first_dice']:.3f} | {format_mm(o['ranked_first_hd95_mm'])} | {o['consensus_dice']:.3f} | "
                          f"{o['best_of_n_dice']:.3f} | {o['randtop3_dice']:.3f} | {o['ged']:.3f} |"
                          + (f" {o.get('baseline_unet_dice', float('nan')):.3f} |" if base else ""))
         lines.append(f"| **mean** | **{md['ranked_first']:.3f}** | | **{md['consensus']:.3f}** | **{md['best_of_n']:.3f}** | "

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
+from .card import format_mm, write_markdown
 from .data import read_dataset, z_ranges
 from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
@@ -251,11 +252,6 @@ def strict_json(value):
     return value
 
 
-def _mm(value) -> str:
-    """An HD95 for the tables: '–' where it is undefined."""
-    return "–" if value is None or not math.isfinite(value) else f"{value:.1f}"
-
-
 def _markdown(rep: dict) -> str:
     lines = [f"# Evaluation of `{Path(rep['model']).name}`", "",
              f"Dataset `{rep['dataset']}`, {rep['proposals']} proposals, {rep['steps']} steps, device {rep['device']}, "
@@ -268,11 +264,11 @@ def _markdown(rep: dict) -> str:
     lines += ["", head + (" baseline UNet Dice | HD95 mm |" if has_base else ""),
               "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if has_base else "")]
     for name, o in rep["organs"].items():
-        row = (f"| {name} | {o['ranked_first']['dice']:.3f} | {_mm(o['ranked_first']['hd95'])} | {o['consensus']['dice']:.3f} | "
-               f"{_mm(o['consensus']['hd95'])} | {o['best_of_n']['dice']:.3f} | {o['randtop3']['dice']:.3f} | "
+        row = (f"| {name} | {o['ranked_first']['dice']:.3f} | {format_mm(o['ranked_first']['hd95'])} | {o['consensus']['dice']:.3f} | "
+               f"{format_mm(o['consensus']['hd95'])} | {o['best_of_n']['dice']:.3f} | {o['randtop3']['dice']:.3f} | "
                f"{o['ged']:.3f} | {o['agreement']:.3f} |")
         if has_base:
-            row += f" {o['baseline']['dice']:.3f} | {_mm(o['baseline']['hd95'])} |"
+            row += f" {o['baseline']['dice']:.3f} | {format_mm(o['baseline']['hd95'])} |"
         lines.append(row)
     m = rep["mean_dice"]
     lines.append(f"| **mean** | **{m['ranked_first']:.3f}** | | **{m['consensus']:.3f}** | | **{m['best_of_n']:.3f}** | "
@@ -315,6 +311,12 @@ def _figure(rep: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _round_mm(value: float | None) -> float | None:
+    """A distance for the card: None (JSON null) where it is undefined, whether the report held NaN or null."""
+    value = strict_json(value)
+    return None if value is None else round(value, 3)
+
+
 def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
     """Store the measured numbers in the model card (or adapter card); weights are untouched,
     so their sha256 stays valid."""
@@ -327,14 +329,12 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
         # 0.61349... as 0.614 in the card and 0.613 in report.md.
         "organs": {k: {"ranked_first_dice": round(v["ranked_first"]["dice"], 6),
                        # null, not NaN (which strict JSON readers refuse), where nothing was predicted
-                       "ranked_first_hd95_mm": None if _mm(v["ranked_first"]["hd95"]) == "–" else round(v["ranked_first"]["hd95"], 3),
+                       "ranked_first_hd95_mm": _round_mm(v["ranked_first"]["hd95"]),
                        "consensus_dice": round(v["consensus"]["dice"], 6), "best_of_n_dice": round(v["best_of_n"]["dice"], 6),
                        "randtop3_dice": round(v["randtop3"]["dice"], 6), "ged": round(v["ged"], 6),
                        **({"baseline_unet_dice": round(v["baseline"]["dice"], 6)} if "baseline" in v else {})}
                    for k, v in rep["organs"].items()},
     }
-    card_path.write_text(json.dumps(card, indent=2), encoding="utf-8")
-    from .card import write_markdown
-
+    card_path.write_text(json.dumps(strict_json(card), indent=2, allow_nan=False), encoding="utf-8")
     write_markdown(card_path.parent)
     return card_path
