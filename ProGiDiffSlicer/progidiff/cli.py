@@ -220,7 +220,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--proposals", type=int, default=8)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--strength", type=float, default=0.6, help="how much of the edited mask is re-noised (0-1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first proposal; proposal k uses seed+k")
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
     p.add_argument("--model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -346,7 +346,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="folder with imagesTr/, labelsTr/, dataset.json")
     p.add_argument("-n", "--proposals", type=_positive_int, default=8)
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the first proposal (proposal k uses seed+k); another seed shows how much the "
+                        "numbers move with the sampling alone")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--adapter", default="auto", help="LoRA adapter folder, 'auto' or 'none'")
     p.add_argument("--modality", default="auto", choices=["auto", "CT", "MR"])
