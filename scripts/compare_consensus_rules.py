@@ -105,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
                 ref = np.isin(label, organ_label_values(info.labels, eng.vocabulary, organ)) & keep
                 if not ref.any():
                     continue
-                masks = eng.segment(scan, eng.vocabulary[organ].display, SegmentOptions(proposals=a.proposals)).masks
+                res = eng.segment(scan, eng.vocabulary[organ].display, SegmentOptions(proposals=a.proposals))
+                masks = res.masks
                 first = dice(masks[0] & keep, ref)
                 row = []
                 for r, fuse in RULES.items():
                     d = dice(fuse(masks, scan.image.GetSpacing()) & keep, ref)
                     diffs[r].append(d - first)
                     row.append(f"{d:.3f}")
-                out.append(f"| {organ} | {rank(masks).agreement:.3f} | {first:.3f} | " + " | ".join(row) + " |")
+                out.append(f"| {organ} | {res.ranking.agreement:.3f} | {first:.3f} | " + " | ".join(row) + " |")
                 print(f"{ds} {organ} done", file=sys.stderr, flush=True)
             out.append("")
     out += ["## Against the ranked-first proposal, over every organ and dataset above", "",

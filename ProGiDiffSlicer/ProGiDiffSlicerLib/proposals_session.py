@@ -58,7 +58,7 @@ class ProposalSession:
         lines = []
         if self.review:
             lines.append("⚠ The proposals disagree strongly: review carefully before accepting.")
-        if getattr(self.result, "consensus_rule", "majority") == "ranked-first":
+        if self.result.consensus_rule == "ranked-first":
             lines.append("Too little agreement for a vote: the consensus is the ranked-first proposal.")
         return "\n".join(lines)
 
