@@ -1,7 +1,7 @@
 import numpy as np
 
 from progidiff.proposals import (CONSENSUS_MIN_AGREEMENT, REVIEW_AGREEMENT, consensus, engine_consensus, pairwise_dice,
-                                 rank, uncertainty, volumes_ml)
+                                 rank, uncertainty, volumes_ml, vote_corrected)
 
 
 def _masks():
@@ -48,12 +48,27 @@ def test_engine_consensus_falls_back_to_the_ranked_first_where_proposals_scatter
     assert r.agreement < CONSENSUS_MIN_AGREEMENT and not consensus(ranked).any()
     fused, rule = engine_consensus(ranked, r.agreement)
     assert rule == "ranked-first" and np.array_equal(fused, ranked[0]) and fused is not ranked[0]
-    # five alike and one outlier: the majority vote, which drops the outlier
+    # five alike and one outlier: the vote-corrected ranked-first, which here is the shared cube
     m = np.concatenate([np.repeat(_masks()[:1], 5, 0), _masks()[3:]])
     r = rank(m)
     assert r.agreement >= CONSENSUS_MIN_AGREEMENT
     fused, rule = engine_consensus(m[r.order], r.agreement)
-    assert rule == "majority" and np.array_equal(fused, consensus(m)) and not fused[1, 1, 1]
+    assert rule == "vote-corrected" and np.array_equal(fused, m[0]) and not fused[1, 1, 1]
+
+
+def test_vote_corrected_keeps_what_a_quarter_holds_and_adds_what_three_quarters_hold():
+    ranked = np.zeros((8, 1, 1, 6), bool)
+    ranked[0, 0, 0, :3] = True          # the ranked-first proposal holds voxels 0, 1, 2
+    ranked[1, 0, 0, 1] = True           # voxel 1: 2 of 8 (a quarter), kept
+    ranked[1:3, 0, 0, 2] = True         # voxel 2: 3 of 8, kept; voxel 0: only the ranked-first, dropped
+    ranked[1:6, 0, 0, 3] = True         # voxel 3: 5 of 8 (a majority), not the ranked-first's: not added
+    ranked[1:7, 0, 0, 4] = True         # voxel 4: 6 of 8 (three quarters), added
+    ranked[1:8, 0, 0, 5] = True         # voxel 5: 7 of 8, added
+    assert vote_corrected(ranked)[0, 0].tolist() == [False, True, True, False, True, True]
+    assert consensus(ranked)[0, 0].tolist() == [False, False, False, True, True, True]
+    # three proposals or fewer: the ranked-first proposal's own vote is a third, so nothing changes
+    three = ranked[[0, 6, 7]]
+    assert np.array_equal(vote_corrected(three), three[0])
 
 
 def test_volumes():

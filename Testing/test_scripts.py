@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from progidiff.proposals import rank
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -95,18 +97,36 @@ def test_consensus_rules_fuse_agreeing_proposals_and_reject_outliers():
     masks = np.stack([np.roll(truth, s, axis=2) for s in (0, 0, 1, -1, 0)]             # five near the truth
                      + [np.roll(truth, 9, axis=1) & ~truth for _ in range(3)])          # three elsewhere
     sp = (1.0, 1.0, 1.0)
-    for name, fuse in cr.RULES.items():
-        fused = fuse(masks[:5], sp)
-        assert fused.shape == truth.shape and fused.dtype == bool, name
-        assert cr.dice(fused, truth) > 0.9, name
-        # with the outliers too: the vote-based rules hold; averaged distances are pulled towards
-        # the outliers (shape-based averaging's known weakness, and what it did on the real scans)
-        if name != "shape-based averaging":
-            assert cr.dice(fuse(masks, sp), truth) > 0.9, name
+    for rules in (cr.RULES, cr.grid_rules()):
+        for name, fuse in rules.items():
+            five = masks[:5]
+            fused = fuse(five, sp, rank(five).agreement)
+            assert fused.shape == truth.shape and fused.dtype == bool, name
+            assert cr.dice(fused, truth) > 0.9, name
+            # with the outliers too: the vote-based rules hold; averaged distances are pulled towards
+            # the outliers (shape-based averaging's known weakness, and what it did on the real scans)
+            if name != "shape-based averaging":
+                assert cr.dice(fuse(masks, sp, rank(masks).agreement), truth) > 0.9, name
+    assert len(cr.grid_rules()) == 16
     assert cr.dice(cr.shape_average(masks, sp), truth) < 0.5
     # SIMPLE drops the three outliers, so it returns the majority of the five agreeing proposals
     assert np.array_equal(cr.simple(masks, sp), cr.consensus(masks[:5]))
     assert not cr.staple_in_box(np.zeros_like(masks), sp).any()
+
+
+def test_consensus_rules_score_saved_proposals_without_a_model(tmp_path, capsys):
+    cr = _load("compare_consensus_rules")
+    truth = np.zeros((6, 8, 8), bool)
+    truth[1:5, 2:6, 2:6] = True
+    masks = np.stack([truth, truth, np.roll(truth, 1, axis=2), truth])
+    folder = tmp_path / "seed7" / "ct-abdomen" / "tsct_001"
+    folder.mkdir(parents=True)
+    np.savez_compressed(folder / "liver.npz", masks=masks, reference=truth, slab=np.ones_like(truth),
+                        spacing=np.array([1.0, 1.0, 1.0]), agreement=rank(masks).agreement)
+    assert cr.main(["--from-proposals", str(tmp_path), "--vote-grid"]) == 0
+    out = capsys.readouterr().out
+    assert "## seed 7: ct-abdomen (tsct_001)" in out and "| liver | 0.875 | 1.000 |" in out
+    assert "| keep 1/4, add 3/4 | +0.000 | 0 of 1 | +0.000 |" in out
 
 
 def test_consensus_agreement_gate_uses_the_ranked_first_below_the_threshold(tmp_path):

@@ -113,6 +113,7 @@ def test_notice_says_when_the_consensus_is_the_ranked_first_proposal(result):
         ranking = ProposalSet(result.ranking.order, result.ranking.scores, agreement, agreement < REVIEW_AGREEMENT)
         return ProposalSession(FakeScene(), replace(result, ranking=ranking, consensus_rule=rule), "volume").notice()
 
-    assert notice(0.95, "majority") == ""
-    assert notice(0.7, "majority").startswith("⚠ The proposals disagree strongly") and "vote" not in notice(0.7, "majority")
+    assert notice(0.95, "vote-corrected") == ""
+    assert (notice(0.7, "vote-corrected").startswith("⚠ The proposals disagree strongly")
+            and "vote" not in notice(0.7, "vote-corrected"))
     assert notice(0.4, "ranked-first").endswith("the consensus is the ranked-first proposal.")

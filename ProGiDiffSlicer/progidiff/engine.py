@@ -114,7 +114,7 @@ class SegmentResult:
     ranking: ProposalSet                   # scores/agreement; order already applied to masks
     scores: list[float]                    # per output proposal (best first)
     volumes_ml: list[float]
-    consensus: np.ndarray                  # majority vote, or the ranked-first proposal (consensus_rule)
+    consensus: np.ndarray                  # ranked-first corrected by the vote, or uncorrected (consensus_rule)
     uncertainty: np.ndarray
     grid: sitk.Image                       # model grid (for the overview picture)
     grid_image: np.ndarray                 # scan on the model grid (Z, H, W) in [0, 1]
@@ -126,7 +126,7 @@ class SegmentResult:
     diameters_mm: list[float] = field(default_factory=list)
     adapter: str | None = None
     timings: dict = field(default_factory=dict)
-    consensus_rule: str = "majority"       # or "ranked-first": the proposals agree too little to vote
+    consensus_rule: str = "vote-corrected"  # or "ranked-first": the proposals agree too little to vote
 
 
 class Engine:

@@ -273,7 +273,8 @@ def _markdown(rep: dict) -> str:
     m = rep["mean_dice"]
     lines.append(f"| **mean** | **{m['ranked_first']:.3f}** | | **{m['consensus']:.3f}** | | **{m['best_of_n']:.3f}** | "
                  f"**{m['randtop3']:.3f}** | | |" + (f" **{m['baseline']:.3f}** | |" if has_base else ""))
-    lines += ["", "Consensus: the engine's, the majority vote of the proposals, or the ranked-first proposal where their "
+    lines += ["", "Consensus: the engine's, the ranked-first proposal corrected by the vote (without the voxels fewer than "
+              "a quarter of the proposals hold, with those at least three quarters hold), uncorrected where their "
               f"agreement (mean pairwise Dice) is below {CONSENSUS_MIN_AGREEMENT:g}."]
     if any("edit" in o for o in rep["organs"].values()):
         lines += ["", "Simulated expert edit (the ranked-first proposal corrected on its worst slice, then `refine`):", "",
