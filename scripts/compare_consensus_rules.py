@@ -129,7 +129,9 @@ def sampled(model: str, datasets: list[str], seeds: list[int], proposals: int, s
 def saved(folders: list[Path]):
     """The same tuples, from the files --save-proposals wrote (FOLDER/seed<k>/<dataset>/<case>/<organ>.npz)."""
     for folder in folders:
-        for f in sorted(folder.glob("seed*/*/*/*.npz"), key=lambda f: (int(f.parts[-4][4:]),) + f.parts[-3:]):
+        # organs in the order they were sampled (the model card's), seeds in numeric order
+        for f in sorted(folder.glob("seed*/*/*/*.npz"), key=lambda f: (int(f.parts[-4][4:]),) + f.parts[-3:-1]
+                        + (f.stat().st_mtime_ns,)):
             z = np.load(f)
             yield (int(f.parts[-4][4:]), f.parts[-3], f.parts[-2], f.stem, z["masks"], z["reference"], z["slab"],
                    tuple(float(v) for v in z["spacing"]), float(z["agreement"]))
