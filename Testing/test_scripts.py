@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from progidiff.proposals import rank
@@ -127,6 +128,11 @@ def test_consensus_rules_score_saved_proposals_without_a_model(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "## seed 7: ct-abdomen (tsct_001)" in out and "| liver | 0.875 | 1.000 |" in out
     assert "| keep 1/4, add 3/4 | +0.000 | 0 of 1 | +0.000 |" in out
+    # a folder with nothing saved in it: a one-line error, not an empty table
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        cr.main(["--from-proposals", str(tmp_path / "empty")])
+    assert "nothing to score" in capsys.readouterr().err
 
 
 def test_consensus_agreement_gate_uses_the_ranked_first_below_the_threshold(tmp_path):

@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             if r in rules:
                 row.append(f"{d:.3f}")
         out.append(f"| {organ} | {agreement:.3f} | {first:.3f} | " + " | ".join(row) + " |")
+    if section is None:
+        p.error("nothing to score: no held-out organ found (or no seed<k>/<dataset>/<case>/<organ>.npz under "
+                "--from-proposals)")
     out += ["", "## Against the ranked-first proposal, over every organ, dataset and seed above", ""]
     out += summary({r: diffs[r] for r in rules})
     if grid:

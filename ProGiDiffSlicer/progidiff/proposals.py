@@ -66,10 +66,11 @@ CONSENSUS_MIN_AGREEMENT = 0.60
 
 #: Above that gate the consensus is the ranked-first proposal corrected by the vote: it loses the voxels
 #: that fewer than a quarter of the proposals hold and gains those that at least three quarters hold.
-#: A plain majority vote (both at one half) gained more on average on `ct-v12`'s held-out slab and its
+#: The gated majority vote (both at one half) gained more on average on `ct-v12`'s held-out slab and its
 #: four other presentations, but fell below the ranked-first proposal on 14 of 90 organ x presentation
 #: x seed pairs (worst -0.106); the quartiles on 5 (worst -0.022). Chosen there (seeds 0 and 100) among
-#: the 16 eighths, then checked on seed 200 and on `ct-v10`: docs/evaluation/consensus-rules.md.
+#: the 16 pairs of eighths, then checked on seed 200 (3 of 45 below against the vote's 9) and on
+#: `ct-v10`'s proposals (3 of 45 against 6): docs/evaluation/consensus-rules.md.
 CONSENSUS_KEEP = Fraction(1, 4)   # keep a ranked-first voxel held by at least this share of the proposals
 CONSENSUS_ADD = Fraction(3, 4)    # add any voxel held by at least this share
 
