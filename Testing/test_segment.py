@@ -17,6 +17,7 @@ from conftest import dice, write_dicom_series
 from progidiff.cli import main
 from progidiff.engine import SegmentOptions
 from progidiff.outputs import REPORT_KEYS
+from progidiff.proposals import engine_consensus
 from progidiff.volume import read_scan
 
 FAST = ["--proposals", "3", "--steps", "3"]
@@ -51,6 +52,11 @@ def test_output_contract(ct_crop, tmp_path, shipped_model):
     assert data.shape == (3,) + ref.GetSize()
     assert header["Segment0_Name"].startswith("Liver") and "10200004" in header["Segment0_Tags"]
     np.testing.assert_array_equal(data[0].transpose(2, 1, 0), p1)
+    # consensus.nii.gz is the engine's consensus of the written proposals, by the rule report.json names
+    ranked = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"proposal_0{k}.nii.gz"))) > 0 for k in (1, 2, 3)])
+    fused, rule = engine_consensus(ranked, report["agreement"])
+    assert report["consensus_rule"] == rule
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "consensus.nii.gz"))) > 0, fused)
 
 
 def _on(reference: sitk.Image, mask_path: Path) -> np.ndarray:
