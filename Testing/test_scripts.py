@@ -1,6 +1,6 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
-scripts/resample_dataset.py, scripts/scale_dataset_body.py): the world geometry must survive,
-or a held-out slab would move."""
+scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py):
+the world geometry must survive, or a held-out slab would move; and the consensus-rule scorer."""
 from __future__ import annotations
 
 import importlib.util
@@ -89,6 +89,28 @@ def test_body_scaled_scan_is_wider_in_plane_only_with_the_same_voxels():
     xs = lambda im: im.TransformIndexToPhysicalPoint((17, 0, 0))[0] - im.TransformIndexToPhysicalPoint((6, 0, 0))[0]
     img, _ = _image()
     assert abs(abs(xs(sb.scale_in_plane(img, 1.15))) - 1.15 * abs(xs(img))) < 1e-6
+
+
+def test_anatomy_warp_moves_organs_in_plane_only_and_alike_in_scan_and_label():
+    da = _load("deform_dataset_anatomy")
+    img, lab = _image()
+    warped, warped_lab = da.deform(img, False, 6.0, 30.0, 0), da.deform(lab, True, 6.0, 30.0, 0)
+    for w, o in ((warped, img), (warped_lab, lab)):
+        assert w.GetSize() == o.GetSize() and w.GetSpacing() == o.GetSpacing() and w.GetOrigin() == o.GetOrigin()
+        assert w.GetPixelID() == o.GetPixelID()
+    arr, lab_arr = sitk.GetArrayViewFromImage(warped), sitk.GetArrayViewFromImage(warped_lab).astype(bool)
+    # the block moved: the label changed, and the scan moved with it (tissue where the label is)
+    assert not np.array_equal(lab_arr, sitk.GetArrayViewFromImage(lab).astype(bool))
+    assert (arr[lab_arr] > -500).mean() > 0.95 and (arr[~lab_arr] < -500).mean() > 0.95
+    # nothing moves along z: the block still spans the same slices, and every point keeps its world z
+    assert np.allclose(_world_z_of_label(warped_lab), _world_z_of_label(lab))
+    t = da.warp(img, 6.0, 30.0, 0)
+    moves = np.array([np.subtract(t.TransformPoint(img.TransformIndexToPhysicalPoint((i, j, k))),
+                                  img.TransformIndexToPhysicalPoint((i, j, k))) for i, j, k in [(3, 4, 5), (12, 10, 15), (20, 15, 25)]])
+    assert np.all(moves[:, 2] == 0) and np.abs(moves[:, :2]).max() <= 6.0 and np.abs(moves[:, :2]).max() > 0.1
+    # the same seed gives the same warp (so scan and label match); another seed another one
+    assert np.array_equal(sitk.GetArrayViewFromImage(da.deform(lab, True, 6.0, 30.0, 0)), lab_arr.astype(np.uint8))
+    assert not np.array_equal(sitk.GetArrayViewFromImage(da.deform(lab, True, 6.0, 30.0, 1)), lab_arr.astype(np.uint8))
 
 
 def test_consensus_rules_fuse_agreeing_proposals_and_reject_outliers():

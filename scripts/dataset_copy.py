@@ -1,5 +1,6 @@
 """Shared by the robustness-dataset scripts (crop_dataset_fov, resample_dataset,
-scale_dataset_body): copy an nnU-Net-style dataset with every scan and label transformed."""
+scale_dataset_body, deform_dataset_anatomy): copy an nnU-Net-style dataset with every scan and
+label transformed."""
 from __future__ import annotations
 
 import shutil
