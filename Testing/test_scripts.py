@@ -108,6 +108,8 @@ def test_anatomy_warp_moves_organs_in_plane_only_and_alike_in_scan_and_label():
     moves = np.array([np.subtract(t.TransformPoint(img.TransformIndexToPhysicalPoint((i, j, k))),
                                   img.TransformIndexToPhysicalPoint((i, j, k))) for i, j, k in [(3, 4, 5), (12, 10, 15), (20, 15, 25)]])
     assert np.all(moves[:, 2] == 0) and np.abs(moves[:, :2]).max() <= 6.0 and np.abs(moves[:, :2]).max() > 0.1
+    mean, most = da.displacement_mm(img, t, samples=200)
+    assert 0.1 < mean <= most <= 6.0 * np.sqrt(2)
     # the same seed gives the same warp (so scan and label match); another seed another one
     assert np.array_equal(sitk.GetArrayViewFromImage(da.deform(lab, True, 6.0, 30.0, 0)), lab_arr.astype(np.uint8))
     assert not np.array_equal(sitk.GetArrayViewFromImage(da.deform(lab, True, 6.0, 30.0, 1)), lab_arr.astype(np.uint8))
