@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Copy an nnU-Net-style dataset with every scan (and label) warped by one smooth random
-in-plane deformation: organs change shape and shift against each other by up to --max-mm,
-as they differ between people, which the other robustness datasets (field of view,
-resolution and noise, body size) leave alone. Nothing moves along world z, so a held-out
+in-plane deformation: organs change shape and shift against each other (by up to --max-mm,
+about half that in practice), as they differ between people, which the other robustness
+datasets (field of view, resolution and noise, body size) leave alone. Nothing moves along world z, so a held-out
 slab keeps the anatomy it had. The field depends only on --seed and the scan's grid, so a
 scan and its label (same grid) get the same one.
 
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--max-mm must be above 0 and at most a fifth of --spacing-mm ({0.2 * a.spacing_mm:g} mm): "
                 "a stronger warp could fold the anatomy over itself")
     src, dst = Path(a.dataset), Path(a.output)
+    if not (src / "dataset.json").is_file():
+        p.error(f"{src} is not an nnU-Net-style dataset (no dataset.json)")
     copy_dataset(src, dst, lambda image, label: deform(image, label, a.max_mm, a.spacing_mm, a.seed))
     for f in sorted((dst / "imagesTr").glob("*.nii*")):
         grid = sitk.ReadImage(str(f))
