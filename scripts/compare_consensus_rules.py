@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ProGiDiffSlicer"))
 from progidiff.data import read_dataset, z_ranges  # noqa: E402
 from progidiff.engine import Engine, SegmentOptions  # noqa: E402
 from progidiff.evaluate import organ_label_values, slab_mask  # noqa: E402
-from progidiff.proposals import (CONSENSUS_MIN_AGREEMENT, bounding_box, consensus, engine_consensus,  # noqa: E402
-                                 vote_corrected)
+from progidiff.proposals import CONSENSUS_MIN_AGREEMENT, bounding_box, consensus, engine_consensus  # noqa: E402
 from progidiff.volume import read_scan  # noqa: E402
 
 
@@ -77,11 +76,13 @@ def shape_average(masks: np.ndarray, spacing) -> np.ndarray:
     return total <= 0  # Maurer's map is 0 on the mask's own boundary voxels
 
 
+HALF = Fraction(1, 2)  # keep = add = 1/2: the majority vote
+
 # Each rule: (proposals (N, Z, Y, X) bool, best-ranked first as Engine.segment returns them; spacing
 # x y z mm; their mean pairwise Dice) -> fused mask (Z, Y, X) bool.
 RULES = {"majority": lambda m, sp, ag: consensus(m),
          f"majority, ranked-first below agreement {CONSENSUS_MIN_AGREEMENT:g} (the engine's before)":
-             lambda m, sp, ag: m[0] if ag < CONSENSUS_MIN_AGREEMENT else consensus(m),
+             lambda m, sp, ag: engine_consensus(m, ag, HALF, HALF)[0],
          f"engine: vote-corrected ranked-first, uncorrected below agreement {CONSENSUS_MIN_AGREEMENT:g}":
              lambda m, sp, ag: engine_consensus(m, ag)[0],
          "STAPLE": lambda m, sp, ag: staple(m, sp), "STAPLE, proposals' box": lambda m, sp, ag: staple_in_box(m, sp),
@@ -95,8 +96,7 @@ def grid_rules() -> dict:
     for k in range(1, 5):
         for a in range(4, 8):
             keep, add = Fraction(k, 8), Fraction(a, 8)
-            out[f"keep {keep}, add {add}"] = (lambda keep, add: lambda m, sp, ag: m[0] if ag < CONSENSUS_MIN_AGREEMENT
-                                             else vote_corrected(m, keep, add))(keep, add)
+            out[f"keep {keep}, add {add}"] = lambda m, sp, ag, keep=keep, add=add: engine_consensus(m, ag, keep, add)[0]
     return out
 
 
@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         source = f"{a.model} {' '.join(a.datasets)} --seeds {' '.join(map(str, a.seeds))}"
     else:
         p.error("give a MODEL and DATASETs, or --from-proposals DIR")
-    rules = dict(RULES)
+    rules = RULES
     grid = grid_rules() if a.vote_grid else {}
-    diffs = {r: [] for r in {**rules, **grid}}
+    every = {**rules, **grid}
+    diffs = {r: [] for r in every}
     out = ["# Consensus rules compared", "", f"`python scripts/compare_consensus_rules.py {source}"
            f"{' --vote-grid' if a.vote_grid else ''}`", "",
            "Dice on each case's held-out slab, the model's default sampling. "
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     "|---|---|" + "---|" * (len(rules) + 1)]
         first = dice(masks[0] & keep, ref)
         row = []
-        for r, fuse in {**rules, **grid}.items():
+        for r, fuse in every.items():
             d = dice(fuse(masks, sp, agreement) & keep, ref)
             diffs[r].append(d - first)
             if r in rules:

@@ -91,13 +91,15 @@ def vote_corrected(ranked: np.ndarray, keep: Fraction = CONSENSUS_KEEP, add: Fra
             | (votes * add.denominator >= add.numerator * n))
 
 
-def engine_consensus(ranked: np.ndarray, agreement: float) -> tuple[np.ndarray, str]:
+def engine_consensus(ranked: np.ndarray, agreement: float, keep: Fraction = CONSENSUS_KEEP,
+                     add: Fraction = CONSENSUS_ADD) -> tuple[np.ndarray, str]:
     """The consensus the engine reports, and its rule: ``"vote-corrected"`` (see vote_corrected;
     ``ranked`` is best-ranked first), or ``"ranked-first"``, a copy of the ranked-first proposal, where
-    the proposals agree less than CONSENSUS_MIN_AGREEMENT (mean pairwise Dice)."""
+    the proposals agree less than CONSENSUS_MIN_AGREEMENT (mean pairwise Dice). Other shares are for
+    comparing rules (keep = add = 1/2 is the majority vote)."""
     if agreement < CONSENSUS_MIN_AGREEMENT:
         return ranked[0].copy(), "ranked-first"
-    return vote_corrected(ranked), "vote-corrected"
+    return vote_corrected(ranked, keep, add), "vote-corrected"
 
 
 def uncertainty(masks: np.ndarray) -> np.ndarray:
