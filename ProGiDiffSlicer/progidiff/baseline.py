@@ -43,15 +43,15 @@ def build_unet(in_channels: int, out_channels: int, channels: Sequence[int]) -> 
 def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True) -> Path:
     """Train the baseline into ``cfg.output`` with the diffusion run's data, transforms and
     budget (stage 1 + stage 2 steps, same batch size and learning rate)."""
-    from accelerate import Accelerator
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from monai.losses import DiceCELoss
 
     from .data import SliceDataset
     from .prompts import Vocabulary
+    from .train import make_accelerator
 
     # The same accelerate set-up as the diffusion model: `accelerate launch` shares the batches over GPUs.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     organs = list(cfg.organs)
     in_ch = 2 * cfg.context + 1 + int(cfg.anatomical_guidance)

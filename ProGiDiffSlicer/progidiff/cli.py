@@ -26,6 +26,7 @@ EPILOG_TRAIN = """example:
   progidiff train ../shared/data/ct-abdomen -o my_model-baseline-unet --baseline unet   # the deterministic baseline
   progidiff train MY_DATASET -o my_model --init-from Resources/Models/progidiff-ct-abdomen --stage2-steps 500 --lr 1e-4
   accelerate launch -m progidiff.cli train DATASET -o MODEL --mixed-precision bf16   # several GPUs
+  progidiff train ../shared/data/ct-abdomen -o my_model --organs liver spleen --resume   # go on after Ctrl-C
 """
 
 
@@ -67,8 +68,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="stage 2 also trains the base UNet (ProGiDiff freezes it; faster convergence on small budgets)")
     p.add_argument("--base-lr-scale", type=float, default=d.base_lr_scale, help="base UNet lr = lr x this (with --finetune-base)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
+                   help=f"steps between checkpoints in OUTPUT/checkpoints (default {d.checkpoint_every}; one is also "
+                        "written at the end of each stage)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from OUTPUT/checkpoints after Ctrl-C or a killed job: give the command it was started "
+                        "with; the run ends as if it had never stopped")
     p.add_argument("--workers", type=int, default=d.workers, help="data-loading worker processes")
     p.add_argument("--stage1-data", choices=["masks", "images"], default=d.stage1_data,
                    help="stage 1 pre-trains the base on the organ masks (a shape prior, default) or on the unlabelled "
@@ -107,8 +112,22 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
                       dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale))
-    out = train(cfg)
-    print(f"model saved to {out}")
+    try:
+        out = train(cfg)
+    except KeyboardInterrupt:
+        ckpt = Path(cfg.output) / "checkpoints"
+        if cfg.baseline:
+            where = "the baseline keeps no checkpoints, so nothing was saved"
+        elif (ckpt / "state.json").is_file():
+            where = f"its last checkpoint is in {ckpt}: run the same command with --resume to go on"
+        else:
+            where = "it stopped before its first checkpoint, so nothing was saved"
+        print(f"progidiff: training stopped; {where}.", file=sys.stderr)
+        return 130
+    from accelerate import PartialState  # the state train() set up: under accelerate launch, say it once
+
+    if PartialState().is_main_process:
+        print(f"model saved to {out}")
     return 0
 
 

@@ -8,12 +8,9 @@ which lets few-step samplers (DPM-Solver++) give sharp masks.
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoints
 from .data import BODY_SCALE, PreparedCase, SliceDataset, prepare_case, read_dataset
 from .errors import InputError
 from .model import ProGiDiffModel, small_unet_config
@@ -180,16 +178,25 @@ class _SummedLoss(torch.nn.Module):
         return sum(loss(input, target) for loss in self.losses)
 
 
+def make_accelerator(cfg: TrainConfig):
+    """The run's ``accelerate.Accelerator``. Our learning-rate schedules count each process's own
+    steps, so the scheduler steps once per optimizer step: accelerate's default steps it once per
+    process, which under ``accelerate launch --num_processes 2`` ran the cosine twice as fast and
+    then back up (measured on a 4-step stage: lr 1.5e-4, 0, 1.5e-4, 3e-4 instead of falling to 0)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False)
+
+
 def train(cfg: TrainConfig, progress: bool = True,
           on_step: Callable[[int, int, float], None] | None = None) -> Path:
     """Train a model into ``cfg.output``; returns the folder of the saved model."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     out = Path(cfg.output)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     vocab = Vocabulary.load()
     unknown = [o for o in cfg.organs if o not in vocab.names()]
@@ -217,6 +224,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     if cfg.baseline:
         if cfg.baseline != "unet":
             raise InputError(f"Unknown baseline {cfg.baseline!r}; the one baseline is 'unet'.")
+        if cfg.resume:
+            raise InputError("--resume continues a diffusion model's run; the --baseline UNet keeps no checkpoints "
+                             "(it trains in one go: 12.7 min for the shipped one on 2 CPU cores).")
         from .baseline import train_baseline
 
         return train_baseline(cfg, cases, slabs, t0, progress=progress)
@@ -243,19 +253,20 @@ def train(cfg: TrainConfig, progress: bool = True,
                               beta_schedule=model.config.beta_schedule, prediction_type="sample")
     dice = mask_dice_loss(cfg.dice_loss)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
     log_path = out / "train_log.csv"
-    state = {"stage": 1, "step": 0}
-    if cfg.resume and (ckpt_dir / "state.json").is_file():
-        state = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
-        model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu"))
-        log.info("resuming at stage %d step %d", state["stage"], state["step"])
-    gen = torch.Generator().manual_seed(cfg.seed)
+    state = checkpoints.start(cfg, out, accelerator.num_processes, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # the main process may have cleared or cut the previous run's files
+    # One stream per process: the same noise and timesteps on every GPU would make a batch of
+    # 8 x 16 slices see 16 timesteps, not 128. Process 0 draws what a one-process run draws.
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * accelerator.process_index)
+    if state.step or state.stage > 1:
+        checkpoints.load(out, state, model, gen, accelerator.process_index)
+    t0 -= state.seconds  # the card's training time counts the time before the resume too
 
     for stage, steps in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)):
-        if stage < state["stage"] or steps <= 0:
+        if stage < state.stage or steps <= 0:
             continue
-        start = state["step"] if stage == state["stage"] else 0
+        start = state.step if stage == state.stage else 0
         train_params = list(model.unet.parameters()) if stage == 1 else model.branch_parameters()
         groups = [{"params": train_params, "lr": cfg.lr}]
         if stage == 2 and cfg.finetune_base:
@@ -266,26 +277,28 @@ def train(cfg: TrainConfig, progress: bool = True,
         for p in train_params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4)
-        lr_sched = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps)
         # Unlabelled pre-training must not pick slices by their labels: every body slice alike.
         ds = SliceDataset(cases, cfg.organs, cfg.context, length=steps * cfg.batch_size * accelerator.num_processes,
                           seed=cfg.seed * 1000 + stage, exclude_z=slabs,
                           positive_fraction=0.0 if stage == 1 and cfg.stage1_data == "images" else 0.75,
                           body_scale=tuple(cfg.body_scale))
-        sampler = torch.utils.data.SequentialSampler(range(start * cfg.batch_size * accelerator.num_processes, len(ds)))
+        # A resumed stage goes on with the items after the ones it trained on (item i is fixed by (seed, i)).
+        todo = range(start * cfg.batch_size * accelerator.num_processes, len(ds))
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(ds, list(sampler)), batch_size=cfg.batch_size, num_workers=cfg.workers,
+            torch.utils.data.Subset(ds, todo), batch_size=cfg.batch_size, num_workers=cfg.workers,
             worker_init_fn=lambda _: torch.set_num_threads(1), persistent_workers=False)
-        if cfg.resume and stage == state["stage"] and (ckpt_dir / "optimizer.pt").is_file():
-            optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location="cpu"))
-            for _ in range(start):
-                lr_sched.step()
+        resumed = start > 0 and checkpoints.load_optimizer(out, state, stage, optimizer)
+        # A resumed schedule starts at the step it stopped at (the loaded optimizer has its initial_lr).
+        lr_sched = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps,
+                                                   last_epoch=start - 1 if resumed else -1)
         pmodel, optimizer, loader, lr_sched = accelerator.prepare(model, optimizer, loader, lr_sched)
         pmodel.train()
         bar = tqdm(total=steps, initial=start, desc=f"stage {stage}", disable=not (progress and accelerator.is_main_process),
                    dynamic_ncols=True)
         step = start
-        with open(log_path, "a", newline="", encoding="utf-8") as logf:
+        # One log, the main process's: the others write theirs to nowhere (two "a" handles on one
+        # file wrote the header twice under accelerate launch).
+        with open(log_path if accelerator.is_main_process else os.devnull, "a", newline="", encoding="utf-8") as logf:
             writer = csv.writer(logf)
             if logf.tell() == 0:
                 writer.writerow(["stage", "step", "loss", "mse", "dice", "lr", "seconds"])
@@ -331,11 +344,12 @@ def train(cfg: TrainConfig, progress: bool = True,
                 if on_step is not None:
                     on_step(stage, step, float(loss.item()))
                 if step % cfg.checkpoint_every == 0 and step < steps:
-                    _checkpoint(accelerator, model, optimizer, ckpt_dir, stage, step)
+                    logf.flush()
+                    checkpoints.save(accelerator, out, cfg, accelerator.unwrap_model(pmodel), optimizer, gen,
+                                     stage, step, time.time() - t0, state.resumed_at)
         bar.close()
         model = accelerator.unwrap_model(pmodel)
-        state = {"stage": stage + 1, "step": 0}
-        _checkpoint(accelerator, model, None, ckpt_dir, stage + 1, 0)
+        checkpoints.save(accelerator, out, cfg, model, None, gen, stage + 1, 0, time.time() - t0, state.resumed_at)
 
     seconds = time.time() - t0
     if accelerator.is_main_process:
@@ -348,13 +362,15 @@ def train(cfg: TrainConfig, progress: bool = True,
                          "device": str(accelerator.device), "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
                          "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()}},
         }
+        if state.resumed_at:
+            card["training"]["resumed_at_stage_step"] = state.resumed_at
         if init_card is not None:
             card["training"]["init_from"] = init_record(init_card)
         model.save_pretrained(out, card=card)
         from .card import write_markdown
 
         write_markdown(out)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
         log.info("saved model to %s after %.0fs", out, seconds)
     accelerator.wait_for_everyone()
     return out
@@ -384,18 +400,3 @@ def _load_init(cfg: TrainConfig) -> tuple[ProGiDiffModel, TextEncoder, dict]:
     cfg.anatomical_guidance = bool(mc.anatomical_guidance)
     log.info("fine-tuning %s: stage 1 skipped, its %d px grid at %s mm kept", folder, cfg.grid_size, cfg.grid_spacing)
     return model, load_text_encoder(model, folder), model.card
-
-
-def _checkpoint(accelerator, model, optimizer, ckpt_dir: Path, stage: int, step: int) -> None:
-    if not accelerator.is_main_process:
-        return
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / "model.pt.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, ckpt_dir / "model.pt")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt.tmp")
-        os.replace(ckpt_dir / "optimizer.pt.tmp", ckpt_dir / "optimizer.pt")
-    elif (ckpt_dir / "optimizer.pt").exists():
-        (ckpt_dir / "optimizer.pt").unlink()
-    (ckpt_dir / "state.json").write_text(json.dumps({"stage": stage, "step": step}), encoding="utf-8")
