@@ -183,10 +183,13 @@ def test_a_thin_slice_scan_reaches_the_grid_with_the_noise_of_a_3mm_one():
 def test_scans_as_coarse_as_the_training_ones_are_not_blurred(ct_path):
     """The 3 mm scans (the shipped model's training data) reach the grid by linear resampling alone,
     as they did when it was trained."""
-    from progidiff.volume import antialias_sigma
+    from progidiff.volume import antialias, antialias_sigma
 
     img = sitk.ReadImage(str(ct_path))
     ref = model_grid(img, GRID, "CT")
     assert not antialias_sigma(img, ref).any()
+    for spacing, blurred in (((2.0, 2.0, 1.7), False), ((1.9, 1.9, 3.0), True), ((3.0, 3.0, 1.6), True)):
+        phantom = _noisy_block(spacing, 0.0)
+        assert (antialias(phantom, model_grid(phantom, GRID, "CT")) is not phantom) == blurred, spacing
     plain = sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
     np.testing.assert_array_equal(to_model_grid(img, ref, "CT"), np.clip((plain + 200) / 500, 0, 1).astype(np.float32))

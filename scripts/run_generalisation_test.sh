@@ -7,10 +7,14 @@
 # smooth random B-spline (organs shifted and bent by about 5 mm on average, up to about 10 mm),
 # (7) as thin slices, 0.8 x 0.8 x 1.5 mm with 20 HU of noise per voxel (a routine thin-slice protocol).
 # Writes docs/evaluation/ct-generalisation.md and the reports beside it. About 30 min on 2 CPU cores.
-# Usage: scripts/run_generalisation_test.sh [RUNS_DIR]
+# Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
+#   PRESENTATION (e.g. ct-thin-noisy): evaluate only these again; the tables are rebuilt from every report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/generalisation}
+shift || true
+ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy"
+ONLY=${*:-$ALL}
 DATA=../shared/data/ct-abdomen
 CT=Resources/Models/progidiff-ct-abdomen
 P=${PROGIDIFF:-.venv/bin/progidiff}
@@ -22,7 +26,7 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/ct-body-wide" ] || $PY scripts/scale_dataset_body.py $DATA "$RUNS/ct-body-wide" --factor 1.15
 [ -d "$RUNS/ct-thin-noisy" ] || $PY scripts/resample_dataset.py $DATA "$RUNS/ct-thin-noisy" --spacing 0.8 0.8 1.5 --noise-hu 20
 [ -d "$RUNS/ct-anatomy-warped" ] || $PY scripts/deform_dataset_anatomy.py $DATA "$RUNS/ct-anatomy-warped" --max-mm 20 --spacing-mm 100
-for v in ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy; do
+for v in $ONLY; do
   mkdir -p docs/evaluation/$v
   $P evaluate $CT "$RUNS/$v" -n 8 --overwrite -o docs/evaluation/$v
 done
