@@ -1,5 +1,6 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
-scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py):
+scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py,
+scripts/enhance_dataset_contrast.py):
 the world geometry must survive, or a held-out slab would move; and the consensus-rule scorer."""
 from __future__ import annotations
 
@@ -111,8 +112,26 @@ def test_anatomy_warp_moves_organs_in_plane_only_and_alike_in_scan_and_label():
     mean, most = da.displacement_mm(img, t, samples=200)
     assert 0.1 < mean <= most <= 6.0 * np.sqrt(2)
     # the same seed gives the same warp (so scan and label match); another seed another one
-    assert np.array_equal(sitk.GetArrayViewFromImage(da.deform(lab, True, 6.0, 30.0, 0)), lab_arr.astype(np.uint8))
-    assert not np.array_equal(sitk.GetArrayViewFromImage(da.deform(lab, True, 6.0, 30.0, 1)), lab_arr.astype(np.uint8))
+    assert np.array_equal(sitk.GetArrayFromImage(da.deform(lab, True, 6.0, 30.0, 0)), lab_arr.astype(np.uint8))
+    assert not np.array_equal(sitk.GetArrayFromImage(da.deform(lab, True, 6.0, 30.0, 1)), lab_arr.astype(np.uint8))
+
+
+def test_contrast_enhancement_raises_each_labelled_organ_by_its_own_gain_and_nothing_else():
+    ec = _load("enhance_dataset_contrast")
+    img, lab = _image()
+    lab_arr = sitk.GetArrayFromImage(lab)
+    lab_arr[10:20, 5:15, 12:18] = 2                   # half the block is "kidney", half "liver"
+    two = sitk.GetImageFromArray(lab_arr)
+    two.CopyInformation(img)
+    out = ec.enhance(img, two, {"liver": 1, "kidney_left": 2, "gallbladder": 3}, blur_mm=0.0, scale=1.0)
+    a, b = sitk.GetArrayViewFromImage(img).astype(int), sitk.GetArrayViewFromImage(out).astype(int)
+    assert out.GetPixelID() == sitk.sitkInt16 and out.GetOrigin() == img.GetOrigin() and out.GetDirection() == img.GetDirection()
+    assert np.all((b - a)[lab_arr == 1] == ec.ENHANCEMENT_HU["liver"])
+    assert np.all((b - a)[lab_arr == 2] == ec.ENHANCEMENT_HU["kidney_left"])
+    assert np.all(b[lab_arr == 0] == a[lab_arr == 0])
+    # with the border blur the organ keeps most of its gain and air far from it gains nothing
+    soft = sitk.GetArrayFromImage(ec.enhance(img, two, {"liver": 1}, blur_mm=3.0, scale=0.5)).astype(int) - a
+    assert 0.5 * 55 * 0.5 < np.median(soft[lab_arr == 1]) <= 55 * 0.5 and np.all(soft[:3] == 0)
 
 
 def test_consensus_rules_fuse_agreeing_proposals_and_reject_outliers():

@@ -234,3 +234,51 @@ def test_body_scale_augmentation_draws_the_content_that_many_times_as_large(body
     spatial.rand_affine.rand_affine_grid.rotate_range = (0.0,)
     out = np.asarray(spatial({"image": img, "label": img.copy()})["label"])
     assert (out > 0.5).sum() / 400.0 == pytest.approx(body_scale[0] ** 2, rel=0.1)
+
+
+def test_contrast_gain_enhances_the_table_s_organs_only_within_its_phases():
+    from progidiff.data import ARTERIAL_FACTOR, CONTRAST_GAIN_HU, contrast_gain
+
+    masks = {o: np.zeros((3, 8, 8), np.float32) for o in ("aorta", "liver", "gallbladder")}
+    masks["aorta"][:, 1, 1] = masks["liver"][:, 4:, 4:] = masks["gallbladder"][:, 0, 5] = 1
+    for seed in range(20):
+        gain = contrast_gain(masks, np.random.default_rng(seed))
+        assert np.all(gain[masks["gallbladder"] > 0] == 0)             # bile never enhances
+        assert np.all(gain[sum(masks.values()) == 0] == 0)              # nor anything unlabelled
+        aorta, liver = gain[:, 1, 1], gain[masks["liver"] > 0]
+        assert np.all(CONTRAST_GAIN_HU["aorta"] * 0.2 * 0.8 <= aorta)
+        assert np.all(aorta <= CONTRAST_GAIN_HU["aorta"] * 1.3 * ARTERIAL_FACTOR["aorta"] * 1.2)
+        assert np.all(liver <= CONTRAST_GAIN_HU["liver"] * 1.3 * 1.2)
+    assert contrast_gain({"gallbladder": masks["gallbladder"]}, np.random.default_rng(0)) is None
+
+
+def test_contrast_phase_brightens_enhancing_organs_and_leaves_labels_and_other_draws_alone(tiny_dataset):
+    """--contrast-phase 1: every CT slice in a random phase. The slice draws and their spatial
+    augmentation are the run's without it (its own random stream), so labels are identical."""
+    from progidiff.data import SliceDataset, prepare_case, read_dataset
+    from progidiff.prompts import Vocabulary
+    from progidiff.volume import GridSpec
+
+    info, organs = read_dataset(tiny_dataset), ("liver", "kidney_left", "gallbladder")
+    cases = [prepare_case(e, info.labels, Vocabulary.load(), GridSpec((6.0, 6.0, 5.0), (64, 64)), organs, "CT")
+             for e in info.cases]
+    plain = SliceDataset(cases, organs, 1, length=24, seed=5)
+    phased = SliceDataset(cases, organs, 1, length=24, seed=5, contrast_phase=1.0)
+    gains = []
+    for i in range(24):
+        a, b = plain[i], phased[i]
+        assert torch.equal(a["label"], b["label"]) and a["organ"] == b["organ"] and a["phrase"] == b["phrase"]
+        if organs[a["organ"]] in ("liver", "kidney_left") and a["label"].sum() > 20:
+            inside = a["label"][0] > 0
+            gains.append(float((b["image"][1][inside] - a["image"][1][inside]).mean()))
+    # brighter inside the enhancing organ on every such slice, by 15 HU or more on average (a weak
+    # arterial phase gives the liver a few HU only)
+    assert gains and min(gains) > 0 and np.mean(gains) > 15 / 500
+    assert SliceDataset(cases, organs, 1, length=4, seed=5, contrast_phase=1.0, augment=False).contrast_phase == 0.0
+
+
+def test_contrast_phase_out_of_range_is_one_line_error(tmp_path, tiny_dataset, capsys):
+    from progidiff.cli import main
+
+    rc = main(["train", str(tiny_dataset), "-o", str(tmp_path / "m"), "--contrast-phase", "1.5"])
+    assert rc == 2 and capsys.readouterr().err.strip().count("\n") == 0

@@ -89,6 +89,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="body-size augmentation: each training slice's content drawn MIN to MAX times as large "
                         f"(default {d.body_scale[0]:g} {d.body_scale[1]:.3g}; the shipped model's last 600 steps used "
                         "0.6 1.6667, which keeps the spleen on smaller bodies and the stomach on larger ones)")
+    p.add_argument("--contrast-phase", type=float, default=d.contrast_phase, metavar="SHARE",
+                   help="share of CT training slices (0-1) given a random contrast phase, portal-venous to arterial, "
+                        "organ by organ from their labels (default 0: the shipped model was trained without it; a model "
+                        "trained on unenhanced scans finds no aorta or IVC on enhanced ones)")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
@@ -111,7 +115,8 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale,
                       holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
-                      dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale))
+                      dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale),
+                      contrast_phase=a.contrast_phase)
     try:
         out = train(cfg)
     except KeyboardInterrupt:
