@@ -117,9 +117,13 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
                       dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale),
                       contrast_phase=a.contrast_phase)
+    from accelerate import PartialState  # the state train() sets up: under accelerate launch, say things once
+
     try:
         out = train(cfg)
     except KeyboardInterrupt:
+        if not PartialState().is_main_process:
+            return 130
         ckpt = Path(cfg.output) / "checkpoints"
         if cfg.baseline:
             where = "the baseline keeps no checkpoints, so nothing was saved"
@@ -129,8 +133,6 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
             where = "it stopped before its first checkpoint, so nothing was saved"
         print(f"progidiff: training stopped; {where}.", file=sys.stderr)
         return 130
-    from accelerate import PartialState  # the state train() set up: under accelerate launch, say it once
-
     if PartialState().is_main_process:
         print(f"model saved to {out}")
     return 0

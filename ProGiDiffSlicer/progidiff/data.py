@@ -111,7 +111,8 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
 BODY_SCALE = (0.8, 4 / 3)
 
 #: Contrast-phase augmentation: HU each organ gains over an unenhanced scan in a portal-venous phase
-#: (typical adult values; the same table as scripts/enhance_dataset_contrast.py), and how much of it
+#: (typical adult values; scripts/enhance_dataset_contrast.py makes its test presentation from the same
+#: table, so that presentation cannot tell whether the table is right for real scans), and how much of it
 #: an arterial phase keeps (the aorta more than doubles, the veins and liver barely enhance yet).
 #: Organs missing here (gallbladder, stomach: bile and contents) never enhance.
 CONTRAST_GAIN_HU = {"aorta": 120.0, "inferior_vena_cava": 90.0, "kidney_left": 120.0, "kidney_right": 120.0,
@@ -120,8 +121,8 @@ ARTERIAL_FACTOR = {"aorta": 2.5, "inferior_vena_cava": 0.2, "liver": 0.3}
 
 
 def contrast_gain(masks: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray | None:
-    """A random contrast phase as a gain (in HU) over ``masks``' grid: a bolus strength (none to
-    1.3x the table), a phase between portal-venous and arterial, each organ jittered by ±20 %. Made
+    """A random contrast phase as a gain (in HU) over ``masks``' grid: a bolus strength (0.2 to
+    1.3 times the table), a phase between portal-venous and arterial, each organ jittered by ±20 %. Made
     from the labels because no global intensity change turns an unenhanced aorta (41 HU on the
     sample CT, the liver's 46) into an enhanced one (150-300 HU, the liver's 100): the shipped model,
     trained without it, found no aorta or IVC on a portal-venous version of its held-out slab."""
