@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from progidiff.data import CONTRAST_GAIN_HU  # noqa: E402
+from progidiff.data import CONTRAST_GAIN_HU
 
 #: HU gained over the unenhanced scan in a portal-venous phase (about 70 s after injection), typical
 #: adult values: the organs the engine's contrast-phase augmentation enhances (vessels 90-120,
