@@ -22,12 +22,19 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+#: The loss log beside the model: one row per step, cut back to the checkpoint on resume.
+LOG = "train_log.csv"
 MODEL = "model.pt"
 OPTIMIZER = "optimizer.pt"
 #: Options that do not change what a run learns: a resumed run may change them.
 _FREE_OPTIONS = ("output", "resume", "workers", "command", "extra", "checkpoint_every")
 #: Folders, compared as absolute paths: a run resumed from another working directory is the same run.
 _FOLDER_OPTIONS = ("dataset", "base_model", "init_from")
+
+
+def folder(out: Path) -> Path:
+    """Where a run writing the model ``out`` keeps its checkpoints (removed once the model is saved)."""
+    return out / "checkpoints"
 
 
 @dataclass
@@ -56,8 +63,8 @@ def start(cfg, out: Path, processes: int, main: bool) -> RunState:
     checkpoint's (refused when it was written with other options or another number of
     processes, which would draw other slices), the loss log cut back to it. Otherwise from
     scratch, a previous run's checkpoints and log removed so that they cannot mix with this one's."""
-    ckpt = out / "checkpoints"
-    log_path = out / "train_log.csv"
+    ckpt = folder(out)
+    log_path = out / LOG
     if not cfg.resume:
         if main:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -98,7 +105,7 @@ def _cut_log(log_path: Path, state: RunState) -> None:
 
 def load(out: Path, state: RunState, model: torch.nn.Module, generator: torch.Generator, process: int) -> None:
     """The checkpoint's weights and this process's random stream into ``model`` and ``generator``."""
-    ckpt = out / "checkpoints"
+    ckpt = folder(out)
     model.load_state_dict(torch.load(ckpt / MODEL, map_location="cpu"))
     rng = ckpt / f"rng-{process}.pt"
     saved = torch.load(rng) if rng.is_file() else {}
@@ -110,7 +117,7 @@ def load(out: Path, state: RunState, model: torch.nn.Module, generator: torch.Ge
 
 def load_optimizer(out: Path, state: RunState, stage: int, optimizer: torch.optim.Optimizer) -> bool:
     """The optimizer's moments when the checkpoint is inside ``stage``; False at a stage's start."""
-    path = out / "checkpoints" / OPTIMIZER
+    path = folder(out) / OPTIMIZER
     if stage != state.stage or not path.is_file():
         return False
     optimizer.load_state_dict(torch.load(path, map_location="cpu"))
@@ -122,7 +129,7 @@ def save(accelerator, out: Path, cfg, model: torch.nn.Module, optimizer: torch.o
     """Write a checkpoint after ``step`` of ``stage`` (``optimizer`` None at a stage's end).
     Every process writes its random stream; the main process then the weights, and the state
     last, each by an atomic rename, so that a run killed mid-write resumes from the last whole one."""
-    ckpt = out / "checkpoints"
+    ckpt = folder(out)
     if accelerator.is_main_process:
         ckpt.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()

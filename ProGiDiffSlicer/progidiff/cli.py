@@ -105,6 +105,7 @@ def _holdout_from(folder: str) -> dict:
 
 
 def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
+    from . import checkpoints
     from .train import TrainConfig, train
 
     cfg = TrainConfig(dataset=a.dataset, output=a.output, organs=tuple(a.organs), base_model=a.base_model,
@@ -124,10 +125,10 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         if not PartialState().is_main_process:
             return 130
-        ckpt = Path(cfg.output) / "checkpoints"
+        ckpt = checkpoints.folder(Path(cfg.output))
         if cfg.baseline:
             where = "the baseline keeps no checkpoints, so nothing was saved"
-        elif (ckpt / "state.json").is_file():
+        elif (ckpt / checkpoints.STATE).is_file():
             where = f"its last checkpoint is in {ckpt}: run the same command with --resume to go on"
         else:
             where = "it stopped before its first checkpoint, so nothing was saved"

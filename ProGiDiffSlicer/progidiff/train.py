@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                               beta_schedule=model.config.beta_schedule, prediction_type="sample")
     dice = mask_dice_loss(cfg.dice_loss)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.csv"
+    log_path = out / checkpoints.LOG
     state = checkpoints.start(cfg, out, accelerator.num_processes, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the main process may have cleared or cut the previous run's files
     # One stream per process: the same noise and timesteps on every GPU would make a batch of
@@ -374,7 +374,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         from .card import write_markdown
 
         write_markdown(out)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(checkpoints.folder(out), ignore_errors=True)
         log.info("saved model to %s after %.0fs", out, seconds)
     accelerator.wait_for_everyone()
     return out
