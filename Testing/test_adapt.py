@@ -86,3 +86,21 @@ def test_adaptation_keeps_the_dice_its_base_was_trained_with(tiny_adapter, shipp
     assert base_dice_loss(shipped) == "both"
     lora = json.loads((shipped_model.parent / "progidiff-ct-abdomen-mr-lora" / ADAPTER_CARD).read_text(encoding="utf-8"))
     assert lora["dice_loss"] == "both"            # the shipped adapter was adapted from the shipped base
+
+
+def test_one_seed_gives_one_adapter_whatever_the_global_generator_did(tmp_path, tiny_model, tiny_mr_dataset):
+    """peft initialises lora_A from torch's global generator; `adapt --seed` must fix it too."""
+    from safetensors.torch import load_file
+
+    from progidiff.adapt import AdaptConfig, adapt
+
+    def run(name: str, seed: int, global_seed: int) -> dict:
+        torch.manual_seed(global_seed)      # what ran before in the same process
+        out = adapt(AdaptConfig(dataset=str(tiny_mr_dataset), base=str(tiny_model), output=str(tmp_path / name),
+                                shots=10, rank=2, steps=2, batch_size=2, seed=seed), progress=False)
+        return load_file(str(out / ADAPTER_WEIGHTS))
+
+    a, b, c = run("a", 0, 1), run("b", 0, 2), run("c", 1, 1)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
