@@ -312,10 +312,11 @@ def _figure(rep: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _round_mm(value: float | None) -> float | None:
-    """A distance for the card: None (JSON null) where it is undefined, whether the report held NaN or null."""
+def _card_mm(value: float | None) -> float | None:
+    """A distance for the card: None (JSON null) where it is undefined, whether the report held NaN or null;
+    unrounded, as the Dice values are (the card displays 1 decimal, as report.md does)."""
     value = strict_json(value)
-    return None if value is None else round(value, 3)
+    return None if value is None else float(value)
 
 
 def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
@@ -326,14 +327,15 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
     card.setdefault("metrics", {})[Path(rep["dataset"]).name] = {
         "evaluated_on": rep["evaluated_on"], "proposals": rep["proposals"], "steps": rep["steps"],
         "device": rep["device"], "command": rep["command"], "mean_dice": rep["mean_dice"],
-        # 6 decimals, not the 3 the card shows: rounding twice (to 4, then to 3 for display) printed
-        # 0.61349... as 0.614 in the card and 0.613 in report.md.
-        "organs": {k: {"ranked_first_dice": round(v["ranked_first"]["dice"], 6),
+        # The measured values, unrounded: rounding before the card's 3-decimal display rounds twice,
+        # which printed 0.61349... as 0.614 (rounded to 4 first) and 0.26249998... as 0.263 (to 6
+        # first) in the card, against 0.613 and 0.262 in report.md.
+        "organs": {k: {"ranked_first_dice": float(v["ranked_first"]["dice"]),
                        # null, not NaN (which strict JSON readers refuse), where nothing was predicted
-                       "ranked_first_hd95_mm": _round_mm(v["ranked_first"]["hd95"]),
-                       "consensus_dice": round(v["consensus"]["dice"], 6), "best_of_n_dice": round(v["best_of_n"]["dice"], 6),
-                       "randtop3_dice": round(v["randtop3"]["dice"], 6), "ged": round(v["ged"], 6),
-                       **({"baseline_unet_dice": round(v["baseline"]["dice"], 6)} if "baseline" in v else {})}
+                       "ranked_first_hd95_mm": _card_mm(v["ranked_first"]["hd95"]),
+                       "consensus_dice": float(v["consensus"]["dice"]), "best_of_n_dice": float(v["best_of_n"]["dice"]),
+                       "randtop3_dice": float(v["randtop3"]["dice"]), "ged": float(v["ged"]),
+                       **({"baseline_unet_dice": float(v["baseline"]["dice"])} if "baseline" in v else {})}
                    for k, v in rep["organs"].items()},
     }
     card_path.write_text(json.dumps(strict_json(card), indent=2, allow_nan=False), encoding="utf-8")
