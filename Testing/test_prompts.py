@@ -55,3 +55,9 @@ def test_token_states_shape_and_terminology():
     assert "SCT^7771000^Left" in v["kidney_left"].slicer_terminology()
     assert v.organ_for_label_name("kidney_left").name == "kidney_left"
     assert v.organ_for_label_name("brain") is None
+    # other datasets' spellings (BTCV, FLARE, MSD) name the same organs; part of a name does not
+    for name, organ in [("left kidney", "kidney_left"), ("Right Kidney", "kidney_right"), ("Gall-bladder", "gallbladder"),
+                        ("inferior vena cava", "inferior_vena_cava"), ("IVC", "inferior_vena_cava"), ("Liver", "liver")]:
+        assert v.organ_for_label_name(name).name == organ, name
+    for name in ("hepatic vessel", "kidney", "liver tumour", "portal vein and splenic vein"):
+        assert v.organ_for_label_name(name) is None, name

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .data import SliceDataset, prepare_case, read_dataset, z_ranges
 from .errors import InputError, ModelError
 from .model import WEIGHTS_NAME, ProGiDiffModel, sha256
+from .outputs import check_output_dir
 from .prompts import Vocabulary
 from .train import _collate_text, mask_dice_loss, phrase_table
 from .volume import GridSpec
@@ -132,6 +133,7 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     from peft import get_peft_model_state_dict, inject_adapter_in_model
 
     t0 = time.time()
+    check_output_dir(Path(cfg.output), overwrite=True)
     base = ProGiDiffModel.from_pretrained(cfg.base)
     vocab = Vocabulary.from_dict(base.card["vocabulary"])
     info = read_dataset(cfg.dataset)

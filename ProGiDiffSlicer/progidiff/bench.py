@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .engine import Engine, SegmentOptions
+from .errors import InputError
 from .sampling import autocast_dtype
 from .volume import body_axis_coords, body_slices, context_slices, read_scan
 
@@ -197,14 +198,16 @@ def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
     """Ranked-first Dice on the held-out slab against the number of DPM-Solver++ steps."""
     import SimpleITK as sitk
 
-    from .data import read_dataset, z_ranges
+    from .data import read_dataset, read_label, z_ranges
     from .evaluate import dice_hd95, organ_label_values, slab_mask
 
     info = read_dataset(dataset)
-    entry = next(c for c in info.cases if c.label is not None)
+    entry = next((c for c in info.cases if c.label is not None), None)
+    if entry is None:
+        raise InputError(f"{dataset}: no case has a label file in labelsTr/; --quality scores against the labels.")
     scan = read_scan(entry.image)
     organ = engine.resolve(prompt).organ
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(entry.label)))
+    label = sitk.GetArrayFromImage(read_label(entry, scan.image))
     slabs = z_ranges(engine.card.get("training", {}).get("holdout_z_mm", {}).get(entry.name, []))
     keep = slab_mask(scan.image, slabs) if slabs else np.ones(label.shape, bool)
     ref = np.isin(label, organ_label_values(info.labels, engine.vocabulary, organ.name)) & keep

@@ -49,7 +49,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="folder with imagesTr/, labelsTr/ and dataset.json")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
-    p.add_argument("--organs", nargs="+", default=list(DEFAULT_ORGANS), help="organs to learn (vocabulary names)")
+    p.add_argument("--organs", nargs="+", help="organs to learn (vocabulary names; default: those of "
+                   f"{', '.join(DEFAULT_ORGANS)} that the dataset's labels name)")
     p.add_argument("--base-model", help="local Stable Diffusion folder to build on (skips stage 1)")
     p.add_argument("--init-from", metavar="MODEL",
                    help="fine-tune this trained ProGiDiff model (e.g. the shipped one) on DATASET instead of starting "
@@ -108,7 +109,7 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from . import checkpoints
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(dataset=a.dataset, output=a.output, organs=tuple(a.organs), base_model=a.base_model,
+    cfg = TrainConfig(dataset=a.dataset, output=a.output, organs=tuple(a.organs) if a.organs else None, base_model=a.base_model,
                       stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, batch_size=a.batch_size,
                       lr=a.lr, seed=a.seed, holdout_fraction=a.holdout_fraction,
                       mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every,

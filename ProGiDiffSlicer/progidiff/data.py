@@ -16,8 +16,8 @@ import torch
 
 from .errors import InputError
 from .prompts import Vocabulary
-from .volume import (CT_WINDOW, GridSpec, body_axis_coords, body_slices, context_slices, guess_modality, label_to_model_grid,
-                     model_grid, read_scan, to_model_grid)
+from .volume import (CT_WINDOW, GridSpec, _check_complete, _first_line, body_axis_coords, body_slices, context_slices,
+                     guess_modality, label_to_model_grid, model_grid, read_scan, to_model_grid)
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,23 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
     meta_path = r / "dataset.json"
     if not meta_path.is_file():
         raise InputError(f"{r}: no dataset.json; a dataset folder holds imagesTr/, labelsTr/ and dataset.json (nnU-Net convention).")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    raw = meta.get("labels", {})
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{meta_path}: is not valid JSON ({exc}).") from exc
+    raw = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f'{meta_path}: needs "labels", label names to values, e.g. {{"background": 0, "liver": 1}} '
+                         '(nnU-Net) or {"0": "background", "1": "liver"} (MSD).')
     labels: dict[str, int] = {}
     for k, v in raw.items():
-        if isinstance(v, str) and str(k).lstrip("-").isdigit():
-            labels[v] = int(k)  # MSD: {"1": "liver"}
-        else:
-            labels[str(k)] = int(v if not isinstance(v, list) else v[0])
+        try:
+            if isinstance(v, str) and str(k).lstrip("-").isdigit():
+                labels[v] = int(k)  # MSD: {"1": "liver"}
+            else:
+                labels[str(k)] = int(v if not isinstance(v, list) else v[0])
+        except (TypeError, ValueError, IndexError):
+            raise InputError(f'{meta_path}: label "{k}" has the value {json.dumps(v)}; a label value is an integer.') from None
     chans = meta.get("channel_names") or meta.get("modality") or {}
     modality = None
     if chans:
@@ -66,6 +75,44 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
         lab = r / "labelsTr" / f"{name}{suffix}"
         cases.append(CaseEntry(name, img, lab if lab.is_file() else None))
     return DatasetInfo(r, labels, modality, cases)
+
+
+def read_label(entry: CaseEntry, image: sitk.Image) -> sitk.Image:
+    """The case's label map, refused unless it lies on the grid of ``image`` (its scan, as read):
+    the nnU-Net convention, and what every voxel-wise use of it assumes. A label cropped or shifted
+    against its scan would otherwise train or score background where the organ is."""
+    assert entry.label is not None
+    _check_complete(entry.label)  # ITK pads a truncated NIfTI with zeros: background where organs were
+    try:
+        label = sitk.ReadImage(str(entry.label))
+    except RuntimeError as exc:
+        raise InputError(f"{entry.label}: cannot be read as a label map ({_first_line(exc)}).") from exc
+    if label.GetDimension() == 4 and label.GetSize()[3] == 1:
+        label = label[:, :, :, 0]
+    if label.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{entry.label}: a label map has one value per voxel, this one {label.GetNumberOfComponentsPerPixel()}.")
+    problem = grid_mismatch(label, image)
+    if problem:
+        raise InputError(f"{entry.label}: {problem} of its image {entry.image.name}; a label map must lie on its image's "
+                         "grid (nnU-Net convention): resample it onto the image first.")
+    return label
+
+
+def grid_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
+    """How ``image``'s grid differs from ``reference``'s, or None. Tolerances absorb the float32
+    rounding of NIfTI headers (a thousandth of a voxel), not a real shift."""
+    size, ref_size = image.GetSize(), reference.GetSize()
+    if size != ref_size:
+        return f"its size {'x'.join(map(str, size))} is not the {'x'.join(map(str, ref_size))}"
+    spacing = np.array(reference.GetSpacing())
+    if not np.allclose(image.GetSpacing(), spacing, rtol=1e-4, atol=0.0):
+        return f"its spacing {tuple(round(s, 4) for s in image.GetSpacing())} mm is not the {tuple(round(s, 4) for s in spacing)} mm"
+    if np.abs(np.subtract(image.GetOrigin(), reference.GetOrigin())).max() > 1e-3 * spacing.min():
+        return (f"its origin {tuple(round(s, 2) for s in image.GetOrigin())} mm is not the "
+                f"{tuple(round(s, 2) for s in reference.GetOrigin())} mm")
+    if not np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-4):
+        return "its direction (orientation) is not the one"
+    return None
 
 
 @dataclass
@@ -93,18 +140,45 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
     masks: dict[str, np.ndarray] = {}
     label_img = None
     if entry.label is not None:
-        label_img = sitk.ReadImage(str(entry.label))
+        label_img = read_label(entry, scan.image)
         lab_arr = sitk.GetArrayViewFromImage(label_img)
-        for name, value in labels.items():
-            organ = vocab.organ_for_label_name(name)
-            if organ is None or organ.name not in organs:
+        for organ in organs:
+            values = organ_label_values(labels, vocab, organ)  # all of them: two names may name one organ
+            if not values:
                 continue
-            binary = sitk.GetImageFromArray((lab_arr == value).astype(np.uint8))
+            binary = sitk.GetImageFromArray(np.isin(lab_arr, values).astype(np.uint8))
             binary.CopyInformation(label_img)
-            masks[organ.name] = label_to_model_grid(binary, ref)
+            masks[organ] = label_to_model_grid(binary, ref)
     z0, sz, nz = ref.GetOrigin()[2], ref.GetSpacing()[2], ref.GetSize()[2]
     return PreparedCase(entry.name, mod, image, masks, z0 + sz * np.arange(nz), ref, scan.image, label_img,
                         body_axis_coords(image))
+
+
+def organ_label_values(labels: dict[str, int], vocabulary: Vocabulary, organ: str) -> list[int]:
+    """The dataset's label values that name ``organ`` (a vocabulary name) or one of its synonyms."""
+    return [v for n, v in labels.items() if (o := vocabulary.organ_for_label_name(n)) is not None and o.name == organ]
+
+
+def dataset_organs(labels: dict[str, int], vocab: Vocabulary) -> list[str]:
+    """The vocabulary's organs that the dataset's label names name (synonyms included), in vocabulary order."""
+    named = {o.name for n in labels if (o := vocab.organ_for_label_name(n)) is not None}
+    return [o for o in vocab.names() if o in named]
+
+
+def training_slices(case: PreparedCase, exclude_z: dict[str, list] | None = None) -> np.ndarray:
+    """Indices of the case's slices that training may use: inside the body, outside any held-out slab."""
+    ok = np.zeros(case.image.shape[0], bool)
+    ok[body_slices(case.image)] = True
+    for lo, hi in z_ranges((exclude_z or {}).get(case.name, [])):
+        ok &= ~((case.z_world >= lo) & (case.z_world <= hi))
+    return np.nonzero(ok)[0]
+
+
+def untrainable_organs(cases: Sequence[PreparedCase], organs: Sequence[str], exclude_z: dict[str, list] | None = None) -> list[str]:
+    """Organs that no training slice of any case holds: training would skip them and the model card
+    would still claim them."""
+    allowed = [training_slices(c, exclude_z) for c in cases]
+    return [o for o in organs if not any(o in c.masks and c.masks[o][a].any() for c, a in zip(cases, allowed))]
 
 
 #: Default range of the body-size augmentation: the slice's content drawn 0.8x to 1.33x as large.
@@ -203,14 +277,7 @@ class SliceDataset(torch.utils.data.Dataset):
         #: Share of CT slices given a random contrast phase (contrast_gain), from the case's labels.
         self.contrast_phase = contrast_phase if augment else 0.0
         self.stacks = [context_slices(c.image, context) for c in cases]
-        # Slices usable for training (outside any held-out slab, inside the body).
-        self.allowed: list[np.ndarray] = []
-        for c in cases:
-            ok = np.zeros(c.image.shape[0], bool)
-            ok[body_slices(c.image)] = True
-            for lo, hi in z_ranges((exclude_z or {}).get(c.name, [])):
-                ok &= ~((c.z_world >= lo) & (c.z_world <= hi))
-            self.allowed.append(np.nonzero(ok)[0])
+        self.allowed = [training_slices(c, exclude_z) for c in cases]
         self.pairs = [(ci, o) for ci, c in enumerate(cases) for o in self.organs
                       if o in c.masks and c.masks[o][self.allowed[ci]].any()]
         if not self.pairs:

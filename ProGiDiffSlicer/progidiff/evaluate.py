@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .card import format_mm, write_markdown
-from .data import read_dataset, z_ranges
+from .data import organ_label_values, read_dataset, read_label, z_ranges
 from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
 from .outputs import staging
@@ -45,11 +45,6 @@ def slab_mask(image: sitk.Image, slabs: list[tuple[float, float]]) -> np.ndarray
     for lo, hi in slabs:
         keep |= (z >= lo) & (z <= hi)
     return keep
-
-
-def organ_label_values(labels: dict[str, int], vocabulary, organ: str) -> list[int]:
-    """The dataset's label values that name ``organ`` (a vocabulary name) or one of its synonyms."""
-    return [v for n, v in labels.items() if (o := vocabulary.organ_for_label_name(n)) is not None and o.name == organ]
 
 
 def dice_hd95(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> tuple[float, float]:
@@ -122,58 +117,59 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     rng = np.random.default_rng(seed)
     t0 = time.time()
     cases = [c for c in info.cases if c.label is not None]
+    if not cases:
+        raise InputError(f"{dataset}: no case has a label file in labelsTr/; evaluate compares with the labels.")
     with staging(outdir, overwrite) as tmp:
-        bar = tqdm(total=len(cases) * len(organs), desc="evaluate", dynamic_ncols=True)
-        for entry in cases:
-            scan = read_scan(entry.image)
-            label = sitk.GetArrayFromImage(sitk.ReadImage(str(entry.label)))
-            keep = np.ones(label.shape, bool)
-            if entry.name in holdout and region in ("auto", "holdout"):
-                slabs = z_ranges(holdout[entry.name])
-                keep = slab_mask(scan.image, slabs)
-                regions[entry.name] = ("held-out slab(s) " + ", ".join(f"z in [{lo:.1f}, {hi:.1f}] mm" for lo, hi in slabs)
-                                       + f" ({keep.mean():.0%} of the scan; not used in training)")
-            elif entry.name in trained_on:
-                regions[entry.name] = "WHOLE SCAN, WHICH THE MODEL WAS TRAINED ON (no held-out slab recorded)"
-            else:
-                regions[entry.name] = "whole scan (not used in training)"
-            sp = tuple(scan.image.GetSpacing()[::-1])
-            for organ_name in organs:
-                organ = engine.vocabulary[organ_name]
-                ref = np.isin(label, organ_label_values(info.labels, engine.vocabulary, organ_name)) & keep
-                if not ref.any():
+        with tqdm(total=len(cases) * len(organs), desc="evaluate", dynamic_ncols=True) as bar:
+            for entry in cases:
+                scan = read_scan(entry.image)
+                label = sitk.GetArrayFromImage(read_label(entry, scan.image))
+                keep = np.ones(label.shape, bool)
+                if entry.name in holdout and region in ("auto", "holdout"):
+                    slabs = z_ranges(holdout[entry.name])
+                    keep = slab_mask(scan.image, slabs)
+                    regions[entry.name] = ("held-out slab(s) " + ", ".join(f"z in [{lo:.1f}, {hi:.1f}] mm" for lo, hi in slabs)
+                                           + f" ({keep.mean():.0%} of the scan; not used in training)")
+                elif entry.name in trained_on:
+                    regions[entry.name] = "WHOLE SCAN, WHICH THE MODEL WAS TRAINED ON (no held-out slab recorded)"
+                else:
+                    regions[entry.name] = "whole scan (not used in training)"
+                sp = tuple(scan.image.GetSpacing()[::-1])
+                for organ_name in organs:
+                    organ = engine.vocabulary[organ_name]
+                    ref = np.isin(label, organ_label_values(info.labels, engine.vocabulary, organ_name)) & keep
+                    if not ref.any():
+                        bar.update(1)
+                        continue
+                    res = engine.segment(scan, organ.display, SegmentOptions(proposals=proposals, steps=steps, seed=seed,
+                                                                             modality=modality))
+                    used_adapter = res.adapter
+                    masks = res.masks & keep[None]
+                    per = [dice_hd95(m, ref, sp) for m in masks]
+                    cons = dice_hd95(res.consensus & keep, ref, sp)
+                    best = int(np.argmax([p[0] for p in per]))
+                    top = per[: min(3, len(per))]
+                    pick = int(rng.integers(len(top)))
+                    metrics = {
+                        "ranked_first": {"dice": per[0][0], "hd95": per[0][1]},
+                        "consensus": {"dice": cons[0], "hd95": cons[1]},
+                        "best_of_n": {"dice": per[best][0], "hd95": per[best][1]},
+                        # RandTop-3: a random pick among the 3 best-ranked (the paper's expert simulation)
+                        "randtop3": {"dice": top[pick][0], "hd95": top[pick][1],
+                                     "expected_dice": float(np.mean([t[0] for t in top]))},
+                        "ged": energy_distance(masks, ref),
+                        "agreement": res.ranking.agreement,
+                        "reference_ml": float(ref.sum()) * scan.voxel_volume_ml,
+                        "seconds": res.seconds,
+                    }
+                    if base_net is not None and organ_name in base_net.organs:
+                        b = dice_hd95(base_net.segment(scan, organ_name, modality) & keep, ref, sp)
+                        metrics["baseline"] = {"dice": b[0], "hd95": b[1]}
+                    if simulate_edits:
+                        metrics["edit"] = simulate_edit(engine, scan, organ.display, res, ref, keep, sp, proposals, steps, seed,
+                                                        modality)
+                    rows.append(OrganScore(entry.name, organ_name, metrics))
                     bar.update(1)
-                    continue
-                res = engine.segment(scan, organ.display, SegmentOptions(proposals=proposals, steps=steps, seed=seed,
-                                                                         modality=modality))
-                used_adapter = res.adapter
-                masks = res.masks & keep[None]
-                per = [dice_hd95(m, ref, sp) for m in masks]
-                cons = dice_hd95(res.consensus & keep, ref, sp)
-                best = int(np.argmax([p[0] for p in per]))
-                top = per[: min(3, len(per))]
-                pick = int(rng.integers(len(top)))
-                metrics = {
-                    "ranked_first": {"dice": per[0][0], "hd95": per[0][1]},
-                    "consensus": {"dice": cons[0], "hd95": cons[1]},
-                    "best_of_n": {"dice": per[best][0], "hd95": per[best][1]},
-                    # RandTop-3: a random pick among the 3 best-ranked (the paper's expert simulation)
-                    "randtop3": {"dice": top[pick][0], "hd95": top[pick][1],
-                                 "expected_dice": float(np.mean([t[0] for t in top]))},
-                    "ged": energy_distance(masks, ref),
-                    "agreement": res.ranking.agreement,
-                    "reference_ml": float(ref.sum()) * scan.voxel_volume_ml,
-                    "seconds": res.seconds,
-                }
-                if base_net is not None and organ_name in base_net.organs:
-                    b = dice_hd95(base_net.segment(scan, organ_name, modality) & keep, ref, sp)
-                    metrics["baseline"] = {"dice": b[0], "hd95": b[1]}
-                if simulate_edits:
-                    metrics["edit"] = simulate_edit(engine, scan, organ.display, res, ref, keep, sp, proposals, steps, seed,
-                                                    modality)
-                rows.append(OrganScore(entry.name, organ_name, metrics))
-                bar.update(1)
-        bar.close()
         report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command)
         report["adapter"] = locals().get("used_adapter")
         report["baseline"] = str(base_dir) if base_net is not None else None

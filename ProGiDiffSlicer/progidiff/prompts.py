@@ -103,9 +103,15 @@ class Vocabulary:
         return [o.name for o in self.organs]
 
     def organ_for_label_name(self, label_name: str) -> Organ | None:
-        key = label_name.strip().lower()
+        """The organ a dataset's label name names: its name, label names or a synonym, whatever the case,
+        underscores and hyphens (TotalSegmentator's ``kidney_left``, BTCV's ``left kidney``, FLARE's
+        ``Left kidney``, ``Gall-bladder``). Whole names only: ``hepatic vessel`` is not the liver."""
+        def norm(text: str) -> str:
+            return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
+
+        key = norm(label_name)
         for o in self.organs:
-            if key in o.labels or key == o.name:
+            if key in {norm(x) for x in (*o.labels, *o.phrases)}:
                 return o
         return None
 

@@ -21,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .data import BODY_SCALE, PreparedCase, SliceDataset, prepare_case, read_dataset
+from .data import BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, prepare_case, read_dataset, untrainable_organs
 from .errors import InputError
 from .model import ProGiDiffModel, small_unet_config
+from .outputs import check_output_dir
 from .prompts import TextEncoder, Vocabulary
 from .volume import GridSpec
 
@@ -37,7 +38,8 @@ DEFAULT_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "gallbladder
 class TrainConfig:
     dataset: str
     output: str
-    organs: tuple[str, ...] = DEFAULT_ORGANS
+    #: None: every organ of DEFAULT_ORGANS that the dataset's labels name
+    organs: tuple[str, ...] | None = None
     base_model: str | None = None  # local Stable Diffusion folder
     stage1_steps: int = 600
     stage2_steps: int = 2400
@@ -85,6 +87,24 @@ class TrainConfig:
     workers: int = 1
     command: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def organs_to_train(cfg: TrainConfig, labels: dict[str, int], vocab: Vocabulary) -> tuple[str, ...]:
+    """``cfg.organs``, each named by a label of the dataset; by default every default organ the labels name.
+    A model card must not claim an organ its model never saw."""
+    named = dataset_organs(labels, vocab)
+    if cfg.organs is None:
+        organs = tuple(o for o in DEFAULT_ORGANS if o in named)
+        if not organs:
+            raise InputError(f"{cfg.dataset}: dataset.json's labels ({', '.join(labels)}) name none of the organs ProGiDiff "
+                             f"learns ({', '.join(DEFAULT_ORGANS)}); rename them in dataset.json.")
+        log.info("organs: %s (those the dataset's labels name)", ", ".join(organs))
+        return organs
+    missing = [o for o in cfg.organs if o not in named]
+    if missing:
+        raise InputError(f"{cfg.dataset}: dataset.json has no label for {', '.join(missing)} (its labels: "
+                         f"{', '.join(labels)}); leave {'it' if len(missing) == 1 else 'them'} out of --organs.")
+    return tuple(cfg.organs)
 
 
 def holdout_slabs(cases: list[PreparedCase], organs: Sequence[str], fraction: float) -> dict[str, list[tuple[float, float]]]:
@@ -198,13 +218,14 @@ def train(cfg: TrainConfig, progress: bool = True,
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     out = Path(cfg.output)
+    check_output_dir(out, overwrite=True)  # a file or an unwritable place: refused before hours of work
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     vocab = Vocabulary.load()
-    unknown = [o for o in cfg.organs if o not in vocab.names()]
-    if unknown:
-        raise InputError(f"Unknown organ(s) {', '.join(unknown)}; the vocabulary has {', '.join(vocab.names())}.")
-    info = read_dataset(cfg.dataset)
+    if cfg.organs is not None:
+        unknown = [o for o in cfg.organs if o not in vocab.names()]
+        if unknown:
+            raise InputError(f"Unknown organ(s) {', '.join(unknown)}; the vocabulary has {', '.join(vocab.names())}.")
     init_card = None
     if cfg.init_from and cfg.baseline:
         raise InputError("--init-from fine-tunes a ProGiDiff model; the --baseline UNet always trains from scratch.")
@@ -215,6 +236,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     lo, hi = cfg.body_scale
     if not 0.2 <= lo <= hi <= 5.0:
         raise InputError(f"--body-scale MIN MAX needs 0.2 <= MIN <= MAX <= 5 (times as large), got {lo:g} {hi:g}.")
+    info = read_dataset(cfg.dataset)
+    cfg.organs = organs_to_train(cfg, info.labels, vocab)
     # Before the grid: a model to fine-tune brings its own grid.
     init = _load_init(cfg) if cfg.init_from else None
     grid = GridSpec(tuple(cfg.grid_spacing), (cfg.grid_size, cfg.grid_size))
@@ -225,6 +248,10 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise InputError(f"{cfg.dataset}: no case has a label file in labelsTr/.")
     log.info("prepared %d case(s) in %.1fs", len(cases), time.time() - t0)
     slabs = cfg.holdout_z or holdout_slabs(cases, cfg.organs, cfg.holdout_fraction)
+    missing = untrainable_organs(cases, cfg.organs, slabs)
+    if missing:
+        raise InputError(f"{cfg.dataset}: no training slice holds {', '.join(missing)} (an empty label in every case, or "
+                         f"one only inside the held-out slab); leave {'it' if len(missing) == 1 else 'them'} out of --organs.")
     if cfg.baseline:
         if cfg.baseline != "unet":
             raise InputError(f"Unknown baseline {cfg.baseline!r}; the one baseline is 'unet'.")

@@ -1,0 +1,165 @@
+"""A researcher's own dataset, broken the ways real ones are: train and evaluate refuse it in one
+line, before writing anything, instead of a traceback or a model that claims what it never saw."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from progidiff.data import read_dataset
+from progidiff.errors import InputError
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _label(ds):
+    return ds / "labelsTr" / "case_001.nii.gz"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{labels: ", "not valid JSON"),
+    (json.dumps({"labels": ["liver"]}), 'needs "labels"'),
+    (json.dumps({"name": "no labels"}), 'needs "labels"'),
+    (json.dumps({"labels": {"background": 0, "liver": "one"}}), 'label "liver" has the value "one"'),
+    (json.dumps({"labels": {"background": 0, "liver": None}}), 'label "liver" has the value null'),
+])
+def test_a_broken_dataset_json_is_named(tmp_path, tiny_dataset, text, needle):
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    (ds / "dataset.json").write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match="dataset.json") as exc:
+        read_dataset(ds)
+    assert needle in str(exc.value)
+
+
+def test_msd_and_nnunet_labels_read_alike(tmp_path, tiny_dataset):
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}}), encoding="utf-8")
+    msd = read_dataset(ds).labels
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}), encoding="utf-8")
+    assert read_dataset(ds).labels == msd == {"background": 0, "liver": 1}
+
+
+def _cropped(path):
+    return sitk.ReadImage(str(path))[:, :, :30]
+
+
+def _shifted(path):
+    img = sitk.ReadImage(str(path))
+    img.SetOrigin(tuple(o + 0.5 * s for o, s in zip(img.GetOrigin(), img.GetSpacing())))
+    return img
+
+
+def _half_spacing(path):
+    img = sitk.ReadImage(str(path))
+    img.SetSpacing(tuple(s / 2 for s in img.GetSpacing()))
+    return img
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("damage,needle", [
+    (_cropped, "its size"),
+    (_shifted, "its origin"),
+    (_half_spacing, "its spacing"),
+    (lambda p: None, "truncated or corrupt"),
+])
+def test_a_label_off_its_image_s_grid_is_refused_before_anything_is_written(tmp_path, tiny_dataset, tiny_model, capsys,
+                                                                          command, damage, needle):
+    """Resampled onto the model grid, a cropped label would teach background where the organ is; scored
+    voxel by voxel, a shifted one would score the wrong voxels."""
+    from progidiff.cli import main
+
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    img = damage(_label(ds))
+    if img is None:
+        _label(ds).write_bytes(b"not an image")
+    else:
+        sitk.WriteImage(img, str(_label(ds)))
+    out = tmp_path / "out"
+    args = (["train", str(ds), "-o", str(out), "--stage1-steps", "1", "--stage2-steps", "1"] if command == "train"
+            else ["evaluate", str(tiny_model), str(ds), "-o", str(out), "--proposals", "1"])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("progidiff: error:"))
+    assert needle in line and "case_001.nii.gz" in line and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_label_within_header_rounding_of_its_image_is_accepted(tmp_path, tiny_dataset):
+    from progidiff.data import grid_mismatch
+
+    img = sitk.ReadImage(str(_label(tiny_dataset)))
+    other = sitk.Image(img)
+    other.SetOrigin(tuple(o + 1e-5 for o in img.GetOrigin()))  # float32 NIfTI header rounding
+    other.SetSpacing(tuple(s * (1 + 1e-6) for s in img.GetSpacing()))
+    assert grid_mismatch(other, img) is None
+    other.SetDirection(tuple(np.array(img.GetDirection()) * [-1, 1, 1, -1, 1, 1, -1, 1, 1]))
+    assert "direction" in grid_mismatch(other, img)
+
+
+def _relabel(ds, labels):
+    (ds / "dataset.json").write_text(json.dumps({"labels": labels, "channel_names": {"0": "CT"}}), encoding="utf-8")
+
+
+def test_by_default_train_learns_the_organs_the_labels_name_and_refuses_others(tmp_path, tiny_dataset, capsys):
+    from progidiff.cli import main
+    from progidiff.prompts import Vocabulary
+    from progidiff.train import TrainConfig, organs_to_train
+
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    # a liver dataset in MSD style (Task03: liver and tumour): the default is the liver alone, not nine organs
+    labels = read_dataset(tiny_dataset).labels
+    _relabel(ds, {"0": "background", str(labels["liver"]): "liver", "250": "tumour"})
+    vocab = Vocabulary.load()
+    info = read_dataset(ds)
+    assert organs_to_train(TrainConfig(str(ds), ""), info.labels, vocab) == ("liver",)
+    # asked for an organ the labels do not name: refused, naming the labels it has
+    out = tmp_path / "out"
+    assert main(["train", str(ds), "-o", str(out), "--organs", "liver", "spleen"]) == 2
+    err = capsys.readouterr().err
+    assert "no label for spleen" in err and "tumour" in err and not out.exists()
+    # labels that name no organ at all
+    _relabel(ds, {"background": 0, "tumour": 1})
+    assert main(["train", str(ds), "-o", str(out)]) == 2
+    assert "name none of the organs" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_organ_no_training_slice_holds_is_refused(tmp_path, tiny_dataset, capsys):
+    """A label value with no voxel: the sampler would skip the organ and the card would still claim it."""
+    from progidiff.cli import main
+
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    labels = read_dataset(tiny_dataset).labels
+    _relabel(ds, {"background": 0, "liver": labels["liver"], "gallbladder": 250})
+    out = tmp_path / "out"
+    assert main(["train", str(ds), "-o", str(out), "--stage1-steps", "1", "--stage2-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no training slice holds gallbladder" in err and "Traceback" not in err and not out.exists()
+
+
+def test_evaluate_without_labels_refuses_instead_of_reporting_nothing(tmp_path, tiny_dataset, tiny_model, capsys):
+    from progidiff.cli import main
+
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    _label(ds).unlink()
+    out = tmp_path / "report"
+    assert main(["evaluate", str(tiny_model), str(ds), "-o", str(out)]) == 2
+    assert "no case has a label file" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "adapt"])
+def test_an_output_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, tiny_dataset, tiny_model, capsys, command):
+    from progidiff.cli import main
+
+    out = tmp_path / "out"
+    out.write_text("a file", encoding="utf-8")
+    args = ["train", str(tiny_dataset), "-o", str(out)] if command == "train" else \
+        ["adapt", str(tiny_dataset), "--from", str(tiny_model), "-o", str(out)]
+    assert main(args) == 5  # OutputError, as segment's
+    err = capsys.readouterr().err
+    assert "not a folder" in err and "Traceback" not in err and out.read_text(encoding="utf-8") == "a file"
