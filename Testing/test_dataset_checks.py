@@ -163,3 +163,13 @@ def test_an_output_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, t
     assert main(args) == 5  # OutputError, as segment's
     err = capsys.readouterr().err
     assert "not a folder" in err and "Traceback" not in err and out.read_text(encoding="utf-8") == "a file"
+
+
+def test_hidden_and_other_files_in_images_tr_are_not_cases(tmp_path, tiny_dataset):
+    """macOS's "._" companions and, with nnU-Net v2's file_ending, files of another kind are skipped."""
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    (ds / "imagesTr" / "._case_001_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (ds / "imagesTr" / "case_001_0000.json").write_text("{}", encoding="utf-8")
+    meta = json.loads((ds / "dataset.json").read_text(encoding="utf-8"))
+    (ds / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii.gz"}), encoding="utf-8")
+    assert [c.image.name for c in read_dataset(ds).cases] == ["case_001_0000.nii.gz"]

@@ -66,9 +66,13 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
         first = str(list(chans.values())[0]).upper()
         modality = "CT" if "CT" in first else ("MR" if first.startswith("MR") or "T1" in first or "T2" in first else None)
     cases: list[CaseEntry] = []
-    images = sorted((r / "imagesTr").glob("*_0000.*"))
+    # Hidden files are skipped: macOS leaves "._CASE_0000.nii.gz" beside each file it copies, which is no image.
+    # nnU-Net v2's "file_ending" says which files are images, when given.
+    ending = meta.get("file_ending") if isinstance(meta.get("file_ending"), str) else ""
+    images = sorted(p for p in (r / "imagesTr").glob("*_0000.*")
+                    if not p.name.startswith(".") and p.name.endswith(ending) and p.is_file())
     if not images:
-        raise InputError(f"{r / 'imagesTr'}: no images named CASE_0000.nii.gz.")
+        raise InputError(f"{r / 'imagesTr'}: no images named CASE_0000{ending or '.nii.gz'}.")
     for img in images:
         name = img.name.split("_0000.")[0]
         suffix = img.name[len(name) + len("_0000"):]
