@@ -18,7 +18,7 @@ from progidiff.cli import main
 from progidiff.engine import SegmentOptions
 from progidiff.outputs import REPORT_KEYS
 from progidiff.proposals import engine_consensus
-from progidiff.volume import read_scan
+from progidiff.volume import find_inputs, read_scan
 
 FAST = ["--proposals", "3", "--steps", "3"]
 
@@ -108,6 +108,8 @@ def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shippe
     sitk.WriteImage(img, str(cases / "a.nii.gz"))
     sitk.WriteImage(sitk.DICOMOrient(img, "RAS"), str(cases / "b.nrrd"))
     (cases / "c.nii.gz").write_bytes((cases / "a.nii.gz").read_bytes()[:5000])  # a truncated download
+    (cases / "._a.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's companion of a copied file: no case
+    assert [p.name for p in find_inputs([cases])] == ["a.nii.gz", "b.nrrd", "c.nii.gz"]
     out = tmp_path / "out"
     rc = main(["segment", str(cases), "--prompt", "liver", "--proposals", "1", "--steps", "2",
                "--model", str(shipped_model), "-o", str(out)])

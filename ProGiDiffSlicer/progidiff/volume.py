@@ -47,8 +47,9 @@ class Scan:
 
 
 def is_image_file(path: Path) -> bool:
+    """A NIfTI/NRRD/MHA file; not a hidden one (macOS's "._scan.nii.gz" companions are no images)."""
     name = path.name.lower()
-    return path.is_file() and any(name.endswith(s) for s in IMAGE_SUFFIXES)
+    return path.is_file() and not name.startswith(".") and any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
 def dicom_series(folder: str | os.PathLike) -> list[str]:
