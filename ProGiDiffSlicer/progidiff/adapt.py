@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import SliceDataset, prepare_case, read_dataset, z_ranges
+from .data import SliceDataset, dataset_organs, prepare_case, read_dataset, z_ranges
 from .errors import InputError, ModelError
 from .model import WEIGHTS_NAME, ProGiDiffModel, sha256
 from .outputs import check_output_dir
@@ -138,7 +138,7 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     vocab = Vocabulary.from_dict(base.card["vocabulary"])
     info = read_dataset(cfg.dataset)
     grid = GridSpec(tuple(base.config.grid_spacing), tuple(base.config.grid_size))
-    organs = [o for o in base.card["organs"] if any((v := vocab.organ_for_label_name(n)) and v.name == o for n in info.labels)]
+    organs = [o for o in base.card["organs"] if o in dataset_organs(info.labels, vocab)]
     if not organs:
         raise InputError(f"{cfg.dataset}: none of its label names matches the model's organs.")
     cases = [prepare_case(e, info.labels, vocab, grid, organs, cfg.modality) for e in info.cases if e.label is not None]

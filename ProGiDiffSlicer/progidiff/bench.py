@@ -198,8 +198,8 @@ def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
     """Ranked-first Dice on the held-out slab against the number of DPM-Solver++ steps."""
     import SimpleITK as sitk
 
-    from .data import read_dataset, read_label, z_ranges
-    from .evaluate import dice_hd95, organ_label_values, slab_mask
+    from .data import organ_label_values, read_dataset, read_label, z_ranges
+    from .evaluate import dice_hd95, slab_mask
 
     info = read_dataset(dataset)
     entry = next((c for c in info.cases if c.label is not None), None)
