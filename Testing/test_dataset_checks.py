@@ -173,3 +173,21 @@ def test_hidden_and_other_files_in_images_tr_are_not_cases(tmp_path, tiny_datase
     meta = json.loads((ds / "dataset.json").read_text(encoding="utf-8"))
     (ds / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii.gz"}), encoding="utf-8")
     assert [c.image.name for c in read_dataset(ds).cases] == ["case_001_0000.nii.gz"]
+
+
+def test_a_cohort_report_has_a_row_per_case_and_flags_the_scans_trained_on(tmp_path, tiny_dataset, tiny_model):
+    """The tiny model was trained on case_001 whole; a second, unseen case beside it must not hide that."""
+    from progidiff.evaluate import evaluate
+
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    img = sitk.ReadImage(str(ds / "imagesTr" / "case_001_0000.nii.gz"))
+    lab = sitk.ReadImage(str(_label(ds)))
+    sitk.WriteImage(img[:, :, 5:45], str(ds / "imagesTr" / "other_0000.nii.gz"))  # another extent of the body
+    sitk.WriteImage(lab[:, :, 5:45], str(ds / "labelsTr" / "other.nii.gz"))
+    rep = evaluate(str(tiny_model), str(ds), tmp_path / "eval", proposals=2, steps=1, device="cpu", baseline=None)
+    md = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
+    assert "1 of 2 case(s) are whole scans the model was trained on (case_001)" in md
+    rows = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith(("| case_001 |", "| other |"))}
+    assert set(rows) == {"case_001", "other"}
+    per = {(c["case"], c["organ"]): c["ranked_first"]["dice"] for c in rep["cases"]}
+    assert f"{per['other', 'liver']:.3f} (" in rows["other"]

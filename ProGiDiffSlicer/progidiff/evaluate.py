@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 METHODS = ("ranked_first", "consensus", "best_of_n", "randtop3")
 
 
+#: How a report names a case the model was trained on whole (no held-out slab): loud on purpose.
+TRAINED_ON = "WHOLE SCAN, WHICH THE MODEL WAS TRAINED ON"
+
+
 def world_z(image: sitk.Image) -> np.ndarray:
     """World (LPS) z of every voxel centre, in array order (Z, Y, X)."""
     size = image.GetSize()
@@ -131,7 +135,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                     regions[entry.name] = ("held-out slab(s) " + ", ".join(f"z in [{lo:.1f}, {hi:.1f}] mm" for lo, hi in slabs)
                                            + f" ({keep.mean():.0%} of the scan; not used in training)")
                 elif entry.name in trained_on:
-                    regions[entry.name] = "WHOLE SCAN, WHICH THE MODEL WAS TRAINED ON (no held-out slab recorded)"
+                    regions[entry.name] = TRAINED_ON + " (no held-out slab recorded)"
                 else:
                     regions[entry.name] = "whole scan (not used in training)"
                 sp = tuple(scan.image.GetSpacing()[::-1])
@@ -269,6 +273,7 @@ def _markdown(rep: dict) -> str:
     m = rep["mean_dice"]
     lines.append(f"| **mean** | **{m['ranked_first']:.3f}** | | **{m['consensus']:.3f}** | | **{m['best_of_n']:.3f}** | "
                  f"**{m['randtop3']:.3f}** | | |" + (f" **{m['baseline']:.3f}** | |" if has_base else ""))
+    lines += _per_case(rep)
     lines += ["", "Consensus: the engine's, the ranked-first proposal corrected by the vote (without the voxels fewer than "
               "a quarter of the proposals hold, with those at least three quarters hold), uncorrected where their "
               f"agreement (mean pairwise Dice) is below {CONSENSUS_MIN_AGREEMENT:g}."]
@@ -281,6 +286,27 @@ def _markdown(rep: dict) -> str:
                 lines.append(f"| {name} | {e['dice_before']:.3f} | {e['dice_after']:.3f} | {'yes' if e['kept_voxels_unchanged'] else 'NO'} |")
     lines += ["", f"Command: `{rep['command']}`" if rep["command"] else "", ""]
     return "\n".join(lines)
+
+
+def _per_case(rep: dict) -> list[str]:
+    """A cohort's table, case by case (the table above is their mean), and a warning when some of the
+    cases are whole scans the model was trained on: their numbers would flatter the mean."""
+    lines: list[str] = []
+    trained = [c for c, region in rep["evaluated_on"].items() if region.startswith(TRAINED_ON)]
+    if trained:
+        lines += ["", f"**{len(trained)} of {len(rep['evaluated_on'])} case(s) are whole scans the model was trained on "
+                      f"({', '.join(trained)}): their numbers, and the means above, say nothing of scans it has not seen.**"]
+    if len(rep["evaluated_on"]) < 2:
+        return lines
+    organs = list(rep["organs"])
+    by = {(c["case"], c["organ"]): c for c in rep["cases"]}
+    lines += ["", "Per case, ranked-first Dice (consensus):", "", "| case | " + " | ".join(organs) + " |",
+              "|---|" + "---|" * len(organs)]
+    for case in rep["evaluated_on"]:
+        cells = [f"{by[case, o]['ranked_first']['dice']:.3f} ({by[case, o]['consensus']['dice']:.3f})" if (case, o) in by
+                 else "–" for o in organs]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _figure(rep: dict, path: Path) -> None:
