@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from progidiff.errors import InputError
 from progidiff.volume import (GridSpec, context_slices, from_model_grid, guess_modality, label_to_model_grid,
-                              model_grid, read_scan, to_model_grid)
+                              model_grid, read_scan, stored_without_intercept, to_model_grid)
 
 GRID = GridSpec((6.0, 6.0, 5.0), (64, 64))
 
@@ -104,6 +104,35 @@ def test_context_slices_repeat_edges():
 def test_modality_guess(ct_path, mr_path):
     assert guess_modality(read_scan(ct_path))[0] == "CT"
     assert guess_modality(read_scan(mr_path))[0] == "MR"
+
+
+def _stored(image: sitk.Image) -> sitk.Image:
+    """The CT as a converter that drops the rescale intercept writes it: HU + 1024, unsigned."""
+    arr = np.clip(sitk.GetArrayFromImage(image).astype(np.float32) + 1024, 0, None).astype(np.uint16)
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(image)
+    return out
+
+
+def test_a_ct_stored_without_its_rescale_intercept_is_read_in_hounsfield_units(tmp_path, ct_path, mr_path):
+    """Given --modality CT, it reaches the model as the scan in HU does; left to the heuristic it is
+    taken for MR (it could be one), with a warning that says what to pass."""
+    hu = read_scan(ct_path)
+    stored = read_scan(_write(tmp_path, sitk.GetArrayFromImage(_stored(hu.image))))
+    stored.image.CopyInformation(hu.image)
+    assert stored_without_intercept(stored.image)
+    ref = model_grid(hu.image, GRID, "CT")
+    assert np.array_equal(sitk.GetArrayViewFromImage(model_grid(stored.image, GRID, "CT")), sitk.GetArrayViewFromImage(ref))
+    assert ref.GetOrigin() == model_grid(stored.image, GRID, "CT").GetOrigin()
+    # within 5 HU: the few voxels below -1024 HU, clipped at 0 when stored unsigned, blur into their neighbours
+    np.testing.assert_allclose(to_model_grid(stored.image, ref, "CT"), to_model_grid(hu.image, ref, "CT"), atol=0.01)
+    modality, reason = guess_modality(stored)
+    assert modality == "MR" and "--modality CT" in reason
+    # nothing else is shifted: a scan in HU, an MR, a HU scan clipped at 0 (no air, bone only above 800)
+    clipped = sitk.Clamp(hu.image, lowerBound=0.0)
+    for image in (hu.image, read_scan(mr_path).image, clipped):
+        assert not stored_without_intercept(image)
+    assert "--modality CT" not in guess_modality(read_scan(mr_path))[1]
 
 
 def _write(tmp_path, arr, name="img.nii.gz", spacing=(1.0, 1.0, 1.0), vector=False):

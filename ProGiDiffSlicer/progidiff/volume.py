@@ -207,6 +207,10 @@ def guess_modality(scan: Scan) -> tuple[str, str]:
     frac_air = float((sample < -500).mean())
     if low < -500 and frac_air > 0.02:
         return "CT", f"intensity heuristic (1st percentile {low:.0f}, {frac_air:.0%} below -500: Hounsfield units)"
+    if stored_without_intercept(scan.image):
+        return "MR", (f"intensity heuristic (1st percentile {low:.0f}: not Hounsfield units; a CT stored without its "
+                      "rescale intercept looks like this, air near 0 and soft tissue near 1024: if it is one, pass "
+                      "--modality CT)")
     return "MR", f"intensity heuristic (1st percentile {low:.0f}: not Hounsfield units)"
 
 
@@ -232,6 +236,29 @@ def _axis_aligned(lo: np.ndarray, spacing: Sequence[float], size: Sequence[int])
     ref.SetOrigin([float(v) for v in lo])
     ref.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
     return ref
+
+
+#: What a CT file holds when it was written without the DICOM rescale intercept (-1024): air near 0,
+#: water near 1024. Some converters and research pipelines store CT so, as unsigned integers.
+CT_STORED_OFFSET = 1024.0
+
+
+def stored_without_intercept(image: sitk.Image) -> bool:
+    """Whether a CT looks stored without its rescale intercept: no value below 0 (a scan in Hounsfield
+    units holds air at -1000 and often padding below it), some air near 0, and at least a fifth of the
+    voxels where fat and soft tissue lie once shifted (800 to 1300 stored, -224 to 276 HU)."""
+    arr = sitk.GetArrayViewFromImage(image)
+    s = arr.reshape(-1)[:: max(1, arr.size // 200_000)]
+    return float(s.min()) >= 0.0 and float((s < 200).mean()) > 0.02 and float(((s >= 800) & (s <= 1300)).mean()) > 0.2
+
+
+def in_hounsfield(image: sitk.Image, modality: str) -> sitk.Image:
+    """A CT in Hounsfield units: shifted by -1024 when it was stored without its rescale intercept,
+    which the CT window (-200 to 300 HU) and the body threshold (-400 HU) would otherwise read as
+    all bone. Anything else is returned as it is."""
+    if modality != "CT" or not stored_without_intercept(image):
+        return image
+    return sitk.Cast(image, sitk.sitkFloat32) - CT_STORED_OFFSET
 
 
 def body_threshold(image: sitk.Image, modality: str) -> float:
@@ -260,6 +287,7 @@ def body_centre(image: sitk.Image, modality: str) -> np.ndarray:
 
 def model_grid(image: sitk.Image, grid: GridSpec, modality: str, z_range: tuple[float, float] | None = None) -> sitk.Image:
     """Reference image of the model grid for this scan (identity direction)."""
+    image = in_hounsfield(image, modality)
     lo, hi = physical_bounds(image)
     centre = body_centre(image, modality)
     sx, sy, sz = grid.spacing
@@ -325,6 +353,10 @@ def antialias(image: sitk.Image, ref: sitk.Image) -> sitk.Image:
 
 def to_model_grid(image: sitk.Image, ref: sitk.Image, modality: str) -> np.ndarray:
     """The scan resampled onto the model grid and normalised: float32 (Z, H, W) in [0, 1]."""
+    if modality == "CT" and stored_without_intercept(image):
+        log.warning("the CT's values look stored without the rescale intercept (air near 0, soft tissue near "
+                    "1024): read as Hounsfield units after subtracting %g", CT_STORED_OFFSET)
+        image = in_hounsfield(image, modality)
     fill = -1024.0 if modality == "CT" else float(sitk.GetArrayViewFromImage(image).min())
     src = antialias(image, ref)
     res = sitk.GetArrayFromImage(sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32))
