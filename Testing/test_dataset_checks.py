@@ -90,6 +90,19 @@ def test_a_label_off_its_image_s_grid_is_refused_before_anything_is_written(tmp_
     assert not out.exists()
 
 
+def test_a_label_stored_in_another_axis_order_is_reoriented_exactly(tmp_path, tiny_dataset):
+    from progidiff.data import grid_mismatch, read_label
+    from progidiff.volume import read_scan
+
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    original = sitk.ReadImage(str(_label(ds)))
+    sitk.WriteImage(sitk.DICOMOrient(original, "LPI"), str(_label(ds)))  # the image stays in its own (RAS) order
+    entry = read_dataset(ds).cases[0]
+    assert grid_mismatch(sitk.ReadImage(str(_label(ds))), sitk.ReadImage(str(entry.image))) is not None
+    label = read_label(entry, read_scan(entry.image).image)
+    assert np.array_equal(sitk.GetArrayViewFromImage(label), sitk.GetArrayViewFromImage(original))
+
+
 def test_a_label_within_header_rounding_of_its_image_is_accepted(tmp_path, tiny_dataset):
     from progidiff.data import grid_mismatch
 

@@ -96,6 +96,14 @@ def read_label(entry: CaseEntry, image: sitk.Image) -> sitk.Image:
     if label.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{entry.label}: a label map has one value per voxel, this one {label.GetNumberOfComponentsPerPixel()}.")
     problem = grid_mismatch(label, image)
+    if problem and label.GetDimension() == 3:
+        # The same grid stored in another axis order (one file reoriented, e.g. to RAS): permuting and
+        # flipping the label's axes is exact, no resampling.
+        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        turned = sitk.DICOMOrient(label, orientation)
+        if grid_mismatch(turned, image) is None:
+            log.info("%s: stored in another axis order than its image; reoriented to %s", entry.label, orientation)
+            label, problem = turned, None
     if problem:
         raise InputError(f"{entry.label}: {problem} of its image {entry.image.name}; a label map must lie on its image's "
                          "grid (nnU-Net convention): resample it onto the image first.")
