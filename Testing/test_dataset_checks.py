@@ -1,5 +1,6 @@
 """A researcher's own dataset, broken the ways real ones are: train and evaluate refuse it in one
-line, before writing anything, instead of a traceback or a model that claims what it never saw."""
+line, before writing anything, instead of a traceback or a model that claims what it never saw; and
+what is only stored differently (MSD labels, another axis order, macOS companions, a cohort) is read right."""
 from __future__ import annotations
 
 import json
