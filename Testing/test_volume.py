@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from progidiff.errors import InputError
 from progidiff.volume import (GridSpec, context_slices, from_model_grid, guess_modality, label_to_model_grid,
-                              model_grid, read_scan, stored_without_intercept, to_model_grid)
+                              model_grid, on_model_grid, read_scan, stored_without_intercept, to_model_grid)
 
 GRID = GridSpec((6.0, 6.0, 5.0), (64, 64))
 
@@ -121,11 +121,12 @@ def test_a_ct_stored_without_its_rescale_intercept_is_read_in_hounsfield_units(t
     stored = read_scan(_write(tmp_path, sitk.GetArrayFromImage(_stored(hu.image))))
     stored.image.CopyInformation(hu.image)
     assert stored_without_intercept(stored.image)
-    ref = model_grid(hu.image, GRID, "CT")
-    assert np.array_equal(sitk.GetArrayViewFromImage(model_grid(stored.image, GRID, "CT")), sitk.GetArrayViewFromImage(ref))
-    assert ref.GetOrigin() == model_grid(stored.image, GRID, "CT").GetOrigin()
+    ref, vol = on_model_grid(hu.image, GRID, "CT")
+    stored_ref, stored_vol = on_model_grid(stored.image, GRID, "CT")
+    assert np.array_equal(sitk.GetArrayViewFromImage(stored_ref), sitk.GetArrayViewFromImage(ref))
+    assert ref.GetOrigin() == stored_ref.GetOrigin()
     # within 5 HU: the few voxels below -1024 HU, clipped at 0 when stored unsigned, blur into their neighbours
-    np.testing.assert_allclose(to_model_grid(stored.image, ref, "CT"), to_model_grid(hu.image, ref, "CT"), atol=0.01)
+    np.testing.assert_allclose(stored_vol, vol, atol=0.01)
     modality, reason = guess_modality(stored)
     assert modality == "MR" and "--modality CT" in reason
     # nothing else is shifted: a scan in HU, an MR, a HU scan clipped at 0 (no air, bone only above 800)

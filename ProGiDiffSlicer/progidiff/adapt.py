@@ -138,7 +138,8 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     vocab = Vocabulary.from_dict(base.card["vocabulary"])
     info = read_dataset(cfg.dataset)
     grid = GridSpec(tuple(base.config.grid_spacing), tuple(base.config.grid_size))
-    organs = [o for o in base.card["organs"] if o in dataset_organs(info.labels, vocab)]
+    named = dataset_organs(info.labels, vocab)
+    organs = [o for o in base.card["organs"] if o in named]
     if not organs:
         raise InputError(f"{cfg.dataset}: none of its label names matches the model's organs.")
     cases = [prepare_case(e, info.labels, vocab, grid, organs, cfg.modality) for e in info.cases if e.label is not None]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, ModelError
 from .model import sha256
 from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, from_model_grid, guess_modality,
-                     model_grid, to_model_grid)
+                     on_model_grid)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ class Baseline:
         turn, and resampling the scan again per organ cost about 0.3 s each."""
         if self._last is not None and self._last[0] is scan.image and self._last[1] == modality:
             return self._last[2], self._last[3]
-        ref = model_grid(scan.image, self.grid, modality)
-        vol = to_model_grid(scan.image, ref, modality)
+        ref, vol = on_model_grid(scan.image, self.grid, modality)
         stack = torch.as_tensor(context_slices(vol, self.context))
         if self.guidance:
             c = torch.as_tensor(body_axis_coords(vol)).reshape(-1, 1, 1, 1).expand(len(vol), 1, *vol.shape[1:])

@@ -88,12 +88,11 @@ def naive_seconds(engine: Engine, scan, prompt: str, proposals: int) -> tuple[fl
     """The naive way, measured for one proposal over every body slice (50 DDIM steps, batch 1);
     proposals are independent runs in that scheme, so N proposals take N times as long."""
     from .sampling import sample_proposals
-    from .volume import model_grid, to_model_grid
+    from .volume import on_model_grid
 
     t0 = time.perf_counter()
     res = engine.resolve(prompt)
-    ref = model_grid(scan.image, engine.grid, "CT")
-    vol = to_model_grid(scan.image, ref, "CT")
+    ref, vol = on_model_grid(scan.image, engine.grid, "CT")
     stack = context_slices(vol, engine.model.config.context)
     idx = body_slices(vol)
     coords = body_axis_coords(vol)

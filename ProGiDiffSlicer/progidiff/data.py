@@ -17,7 +17,7 @@ import torch
 from .errors import InputError
 from .prompts import Vocabulary
 from .volume import (CT_WINDOW, GridSpec, _check_complete, _first_line, body_axis_coords, body_slices, context_slices,
-                     guess_modality, label_to_model_grid, model_grid, read_scan, to_model_grid)
+                     guess_modality, label_to_model_grid, on_model_grid, read_scan)
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,7 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
                  organs: Sequence[str], modality: str | None = None) -> PreparedCase:
     scan = read_scan(entry.image)
     mod = modality or guess_modality(scan)[0]
-    ref = model_grid(scan.image, grid, mod)
-    image = to_model_grid(scan.image, ref, mod)
+    ref, image = on_model_grid(scan.image, grid, mod)
     masks: dict[str, np.ndarray] = {}
     label_img = None
     if entry.label is not None:

@@ -23,7 +23,7 @@ from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_tex
 from .proposals import ProposalSet, engine_consensus, kji_to_world, largest_diameter_mm, rank, uncertainty, volumes_ml
 from .sampling import SCHEDULERS, sample_proposals
 from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, from_model_grid, guess_modality,
-                     model_grid, to_model_grid)
+                     on_model_grid)
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,7 @@ class Engine:
                 log.warning("modality assumed %s from the %s; pass --modality to override", modality, reason)
         else:
             modality, reason = opts.modality, "given"
-        ref = model_grid(scan.image, self.grid, modality)
-        vol = to_model_grid(scan.image, ref, modality)
+        ref, vol = on_model_grid(scan.image, self.grid, modality)
         stack = context_slices(vol, self.model.config.context)
         # Slices with no body (air only) are not sampled: they cost time and can only add false positives.
         idx = body_slices(vol)

@@ -253,12 +253,23 @@ def stored_without_intercept(image: sitk.Image) -> bool:
 
 
 def in_hounsfield(image: sitk.Image, modality: str) -> sitk.Image:
-    """A CT in Hounsfield units: shifted by -1024 when it was stored without its rescale intercept,
-    which the CT window (-200 to 300 HU) and the body threshold (-400 HU) would otherwise read as
-    all bone. Anything else is returned as it is."""
+    """A CT in Hounsfield units: shifted by -1024, with a warning, when it was stored without its
+    rescale intercept, which the CT window (-200 to 300 HU) and the body threshold (-400 HU) would
+    otherwise read as all bone. Anything else is returned as it is."""
     if modality != "CT" or not stored_without_intercept(image):
         return image
+    log.warning("the CT's values look stored without the rescale intercept (air near 0, soft tissue near "
+                "1024): read as Hounsfield units after subtracting %g", CT_STORED_OFFSET)
     return sitk.Cast(image, sitk.sitkFloat32) - CT_STORED_OFFSET
+
+
+def on_model_grid(image: sitk.Image, grid: GridSpec, modality: str) -> tuple[sitk.Image, np.ndarray]:
+    """A scan as the model sees it: the model grid's reference image and the scan resampled onto it and
+    normalised (``model_grid``, ``to_model_grid``), a CT read in Hounsfield units first (once: the check
+    and the shifted copy are per scan)."""
+    image = in_hounsfield(image, modality)
+    ref = model_grid(image, grid, modality)
+    return ref, to_model_grid(image, ref, modality)
 
 
 def body_threshold(image: sitk.Image, modality: str) -> float:
@@ -287,7 +298,6 @@ def body_centre(image: sitk.Image, modality: str) -> np.ndarray:
 
 def model_grid(image: sitk.Image, grid: GridSpec, modality: str, z_range: tuple[float, float] | None = None) -> sitk.Image:
     """Reference image of the model grid for this scan (identity direction)."""
-    image = in_hounsfield(image, modality)
     lo, hi = physical_bounds(image)
     centre = body_centre(image, modality)
     sx, sy, sz = grid.spacing
@@ -353,10 +363,6 @@ def antialias(image: sitk.Image, ref: sitk.Image) -> sitk.Image:
 
 def to_model_grid(image: sitk.Image, ref: sitk.Image, modality: str) -> np.ndarray:
     """The scan resampled onto the model grid and normalised: float32 (Z, H, W) in [0, 1]."""
-    if modality == "CT" and stored_without_intercept(image):
-        log.warning("the CT's values look stored without the rescale intercept (air near 0, soft tissue near "
-                    "1024): read as Hounsfield units after subtracting %g", CT_STORED_OFFSET)
-        image = in_hounsfield(image, modality)
     fill = -1024.0 if modality == "CT" else float(sitk.GetArrayViewFromImage(image).min())
     src = antialias(image, ref)
     res = sitk.GetArrayFromImage(sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32))
