@@ -6,7 +6,6 @@ worker thread owns the model, and all MRML access goes through ProGiDiffSlicerLi
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Annotated, Optional
 

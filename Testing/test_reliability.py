@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import write_dicom_series
 from progidiff import volume as volume_mod
-from progidiff.cli import build_parser, main
+from progidiff.cli import main
 from progidiff.engine import MAX_PROPOSALS, SegmentOptions
 from progidiff.errors import InputError, OutputError, ProGiDiffError
 from progidiff.outputs import check_output_dir

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from progidiff.errors import Cancelled, InputError
-from progidiff.model import ProGiDiffModel
 from progidiff.sampling import sample_proposals
 
 

@@ -1,5 +1,4 @@
 """The module's worker thread against the real engine (tiny model trained on real CT)."""
-import threading
 import time
 
 import numpy as np

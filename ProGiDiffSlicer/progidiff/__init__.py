@@ -7,4 +7,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import ProGiDiffError  # noqa: F401
+from .errors import ProGiDiffError
+
+__all__ = ["ProGiDiffError", "__version__"]

@@ -10,14 +10,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import SliceDataset, dataset_organs, prepare_case, read_dataset, z_ranges
+from .data import SliceDataset, dataset_organs, prepare_case, read_dataset
 from .errors import InputError, ModelError
 from .model import WEIGHTS_NAME, ProGiDiffModel, sha256
 from .outputs import check_output_dir

@@ -7,12 +7,15 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import ProGiDiffError
 
 #: Kept equal to engine.DEFAULT_STEPS (a test checks); not imported so that --help stays fast (no torch import).
 DEFAULT_STEPS = 4
+
+if TYPE_CHECKING:  # numpy is imported where it is used, so that --help stays fast
+    import numpy as np
 
 log = logging.getLogger("progidiff")
 
@@ -226,7 +229,7 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
               f"diameter {dia['min']:.0f}/{dia['median']:.0f}/{dia['max']:.0f} mm (min/median/max)"
               f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
     if failed:
-        print(f"progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
+        print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
     return failed
 
 
@@ -256,8 +259,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True)
 
 
-def _read_mask_on(path: str, scan) -> "np.ndarray":
-    import numpy as np
+def _read_mask_on(path: str, scan) -> np.ndarray:
     import SimpleITK as sitk
 
     from .errors import InputError
@@ -355,7 +357,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _run_bench(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .bench import run_bench
 
-    rep = run_bench(a.device, a.model, Path(a.out), Path(a.json) if a.json else None, a.quality)
+    run_bench(a.device, a.model, Path(a.out), Path(a.json) if a.json else None, a.quality)
     print(Path(a.out).read_text(encoding="utf-8"))
     return 0
 
