@@ -1,6 +1,6 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
 scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py,
-scripts/enhance_dataset_contrast.py):
+scripts/enhance_dataset_contrast.py, scripts/paint_ct_from_labels.py):
 the world geometry must survive, or a held-out slab would move; and the consensus-rule scorer."""
 from __future__ import annotations
 
@@ -132,6 +132,73 @@ def test_contrast_enhancement_raises_each_labelled_organ_by_its_own_gain_and_not
     # with the border blur the organ keeps most of its gain and air far from it gains nothing
     soft = sitk.GetArrayFromImage(ec.enhance(img, two, {"liver": 1}, blur_mm=3.0, scale=0.5)).astype(int) - a
     assert 0.5 * 55 * 0.5 < np.median(soft[lab_arr == 1]) <= 55 * 0.5 and np.all(soft[:3] == 0)
+
+
+def _write_dataset(root: Path, case: str, img: sitk.Image, lab: sitk.Image, labels: dict[str, int], channel: str) -> None:
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    sitk.WriteImage(img, str(root / "imagesTr" / f"{case}_0000.nii.gz"))
+    sitk.WriteImage(lab, str(root / "labelsTr" / f"{case}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": channel}, "labels": labels}))
+
+
+def _body(fat: int, muscle: int, liver: int, air: int, gas: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A 'body' on a 24 x 40 x 40 grid: a fat disc holding a liver block and a muscle block (labels 1 and 2),
+    with an unlabelled soft-tissue block and, with ``gas``, an unlabelled pocket of air (bowel gas);
+    intensities as given."""
+    zz, yy, xx = np.mgrid[:24, :40, :40]
+    img = np.full((24, 40, 40), air, np.int16)
+    img[(yy - 20) ** 2 + (xx - 20) ** 2 < 17 ** 2] = fat
+    lab = np.zeros(img.shape, np.uint8)
+    lab[:, 10:20, 8:20], lab[:, 24:30, 16:26] = 1, 2
+    img[lab == 1], img[lab == 2] = liver, muscle
+    img[:, 10:20, 24:30] = muscle                      # unlabelled soft tissue, like the muscle
+    if gas:                                            # about 3 % of the unlabelled body
+        img[:, 31:35, 10:15] = air
+    return img, lab
+
+
+def test_painted_ct_takes_each_structure_s_hu_from_the_reference_and_tells_fat_from_soft_tissue(tmp_path):
+    pc = _load("paint_ct_from_labels")
+    labels = {"background": 0, "liver": 1, "autochthon_left": 2}
+    rng = np.random.default_rng(0)
+    ref_arr, ref_lab = _body(fat=-100, muscle=20, liver=55, air=-1000, gas=True)
+    ref_arr = (ref_arr + rng.normal(0, 8, ref_arr.shape)).astype(np.int16)
+    ref = sitk.GetImageFromArray(ref_arr)
+    ref.SetSpacing((3.0, 3.0, 3.0))
+    ref_l = sitk.GetImageFromArray(ref_lab)
+    ref_l.CopyInformation(ref)
+    _write_dataset(tmp_path / "ct", "ct_001", ref, ref_l, labels, "CT")
+    # the source: an "MR" in LPS on another grid, where fat is bright and muscle dark, as on ../shared/data's MR
+    src_arr, src_lab = _body(fat=600, muscle=30, liver=100, air=2)
+    src = sitk.GetImageFromArray(src_arr)
+    src.SetSpacing((2.5, 2.5, 4.0))
+    src.SetOrigin((120.0, 90.0, -30.0))
+    src.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    src_l = sitk.GetImageFromArray(src_lab)
+    src_l.CopyInformation(src)
+    _write_dataset(tmp_path / "mr", "mr_001", src, src_l, labels, "MR")
+
+    assert pc.main([str(tmp_path / "mr"), str(tmp_path / "ct"), str(tmp_path / "out"), "--blur-mm", "0"]) == 0
+    out = sitk.ReadImage(str(tmp_path / "out" / "imagesTr" / "mr_001_0000.nii.gz"))
+    assert (out.GetSpacing(), out.GetOrigin(), out.GetDirection()) == (src.GetSpacing(), src.GetOrigin(), src.GetDirection())
+    a = sitk.GetArrayFromImage(out).astype(float)
+    fat = (src_arr == 600) & (src_lab == 0)
+    assert abs(np.median(a[src_lab == 1]) - 55) <= 3            # liver: the reference's liver, not the MR's
+    assert abs(np.median(a[src_lab == 2]) - 20) <= 3            # muscle
+    assert abs(np.median(a[fat]) - -100) <= 5                   # bright MR fat painted as CT fat
+    assert abs(np.median(a[:, 10:20, 24:30]) - 20) <= 8          # unlabelled dark tissue as soft tissue
+    assert np.median(a[src_arr == 2]) < -950                     # air
+    assert 3 < np.std(a[src_lab == 1]) < 20                      # noisy like the reference, not flat
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "CT"} and meta["labels"] == labels
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "labelsTr" / "mr_001.nii.gz"))), src_lab)
+
+    # a CT source (fat darker than muscle) is split the other way round, its gas not taken for a tissue class
+    assert pc.main([str(tmp_path / "ct"), str(tmp_path / "ct"), str(tmp_path / "out-ct"), "--blur-mm", "0"]) == 0
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out-ct" / "imagesTr" / "ct_001_0000.nii.gz"))).astype(float)
+    ref_fat = (np.abs(ref_arr + 100) < 40) & (ref_lab == 0)
+    assert abs(np.median(b[ref_fat]) - -100) <= 5 and abs(np.median(b[:, 10:20, 24:30]) - 20) <= 8
 
 
 def test_consensus_rules_fuse_agreeing_proposals_and_reject_outliers():

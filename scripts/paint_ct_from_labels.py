@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Write a CT-like copy of a labelled dataset: every labelled structure painted with the Hounsfield
+units the same structure has on a real CT, the unlabelled body as fat or soft tissue, air outside.
+There is one CT person in ../shared/data; painting the MR person's labels gives the CT model another
+person's organ shapes, sizes and positions to segment (another body, not another scanner: the
+intensities are the CT person's, and every organ border is exactly its label's, sharper than on a real
+scan). Painting the CT person from its own labels measures what painting alone changes.
+
+How it paints (the label-to-image idea of SynthSeg, Billot et al. 2023, with the intensities measured
+rather than drawn at random, because the model has to recognise CT, not any contrast):
+  - a structure's HU: the median and spread (IQR / 1.349) of that structure on the reference CT, its
+    mask eroded by one voxel so that borders do not leak in; a name the reference lacks is matched by
+    family (``vertebrae`` to ``vertebrae_L1`` ...; ``lung_left`` to the left lobes), else soft tissue;
+  - the unlabelled body: the source scan's body (Otsu threshold, holes filled slice by slice) split
+    in two by Otsu on the middle 90 % of the source's own intensities there; of the two, fat is the class farther from the
+    source's labelled muscles (darker on CT, brighter on this MR), soft tissue the other, both with
+    the reference CT's unlabelled fat (-200..-30 HU) and soft tissue (-30..100 HU) statistics;
+  - borders blurred by ``--blur-mm`` (partial volume), then noise correlated over about a voxel, scaled
+    per structure to its spread (at most MAX_SD_HU).
+
+example:
+  python scripts/paint_ct_from_labels.py ../shared/data/mr-abdomen ../shared/data/ct-abdomen runs/painted/mr-person-as-ct
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+#: Label-name families (TotalSegmentator's "total" and "total_mr" tasks name some structures
+#: differently): a source name missing from the reference takes the pooled statistics of these.
+FAMILIES = {"vertebrae": "vertebrae_", "lung_left": "lung_", "lung_right": "lung_", "ribs": "rib_"}
+AIR_HU, AIR_SD = -1000.0, 10.0
+#: A structure's spread is capped here: the colon's (236 HU) is its gas against its wall, which a flat
+#: paint cannot place; 40 HU is about the widest of the solid organs' and muscles' (pancreas 24, fat 22).
+MAX_SD_HU = 40.0
+
+
+def _labels(dataset: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
+
+
+def _robust(values: np.ndarray) -> tuple[float, float]:
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return float(med), float((q3 - q1) / 1.349)
+
+
+def reference_hu(image: sitk.Image, label: sitk.Image, names: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """Median and robust spread of every labelled structure on the reference CT (eroded masks), and
+    of its unlabelled ``fat`` and ``soft`` tissue inside the body."""
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    lab = sitk.GetArrayFromImage(label)
+    eroded = sitk.GetArrayFromImage(sitk.GrayscaleErode(label, [1, 1, 1]))
+    stats: dict[str, tuple[float, float]] = {}
+    for name, value in names.items():
+        inner = (eroded == value) if value else None
+        if inner is not None and inner.sum() >= 20:
+            stats[name] = _robust(hu[inner])
+        elif value and (lab == value).sum() >= 20:
+            stats[name] = _robust(hu[lab == value])
+    free = (lab == 0) & (sitk.GetArrayFromImage(sitk.BinaryErode(label == 0, [1, 1, 1])) > 0)
+    stats["fat"] = _robust(hu[free & (hu > -200) & (hu < -30)])
+    stats["soft"] = _robust(hu[free & (hu >= -30) & (hu < 100)])
+    return stats
+
+
+def structure_hu(name: str, stats: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The reference statistics for a source structure's name: its own, its family's, or soft tissue."""
+    if name in stats:
+        return stats[name]
+    prefix = FAMILIES.get(name)
+    side = name.rsplit("_", 1)[-1] if name.startswith("lung_") else ""
+    members = [v for k, v in stats.items() if prefix and k.startswith(prefix) and (not side or side in k)]
+    if members:
+        return float(np.median([m for m, _ in members])), float(np.median([s for _, s in members]))
+    return stats["soft"]
+
+
+def body_mask(image: sitk.Image) -> np.ndarray:
+    """The body: above an Otsu threshold of the whole scan, holes filled slice by slice, largest part."""
+    fg = sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1)
+    fg = sitk.BinaryMorphologicalClosing(fg, [2, 2, 0])
+    arr = sitk.GetArrayFromImage(fg)
+    filled = np.stack([sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(s))) for s in arr])
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(filled.astype(np.uint8))))
+    return sitk.GetArrayFromImage(cc) == 1
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of a sample of intensities (SimpleITK's filter, on the sample as a 1-row image)."""
+    f = sitk.OtsuThresholdImageFilter()
+    f.SetNumberOfHistogramBins(256)
+    f.Execute(sitk.GetImageFromArray(values.astype(np.float32).reshape(1, 1, -1)))
+    return float(f.GetThreshold())
+
+
+def paint(source: sitk.Image, label: sitk.Image, names: dict[str, int], stats: dict[str, tuple[float, float]],
+          blur_mm: float, rng: np.random.Generator) -> sitk.Image:
+    """A CT-like image on ``source``'s grid from its ``label`` (see the module's docstring)."""
+    lab = sitk.GetArrayFromImage(sitk.Resample(label, source, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    src = sitk.GetArrayFromImage(source).astype(np.float32)
+    mean = np.full(lab.shape, AIR_HU, np.float32)
+    sd = np.full(lab.shape, AIR_SD, np.float32)
+    body = body_mask(source) | (lab > 0)
+    free = body & (lab == 0)
+    # the middle 90 % only: air trapped in the body (bowel gas, the skin fold) would otherwise take
+    # one of Otsu's two classes (on the CT person: a threshold of -272 HU, air against all tissue)
+    lo, hi = np.percentile(src[free], [5, 95])
+    threshold = otsu_threshold(np.clip(src[free], lo, hi))
+    muscles = [v for k, v in names.items() if k.startswith(("autochthon", "iliopsoas", "gluteus"))]
+    muscle = float(np.median(src[np.isin(lab, muscles)])) if muscles and np.isin(lab, muscles).any() else None
+    bright = free & (src > threshold)
+    dark = free & ~bright
+    if muscle is None:
+        raise SystemExit("paint_ct_from_labels: the source labels name no muscle (autochthon, iliopsoas, gluteus); "
+                         "cannot tell fat from soft tissue")
+    fat_is_bright = abs(float(np.median(src[bright])) - muscle) > abs(float(np.median(src[dark])) - muscle)
+    for region, tissue in ((bright, "fat" if fat_is_bright else "soft"), (dark, "soft" if fat_is_bright else "fat")):
+        mean[region], sd[region] = stats[tissue]
+    for name, value in names.items():
+        if value and (lab == value).any():
+            mean[lab == value], sd[lab == value] = structure_hu(name, stats)
+    img = sitk.GetImageFromArray(mean)
+    img.CopyInformation(source)
+    if blur_mm > 0:
+        img = sitk.SmoothingRecursiveGaussian(img, blur_mm)
+    noise = sitk.GetImageFromArray(rng.standard_normal(lab.shape).astype(np.float32))
+    noise.CopyInformation(source)
+    # correlated over about a voxel, as CT noise is after reconstruction; rescaled to unit spread
+    noise = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, float(min(source.GetSpacing())) * 0.5))
+    noise /= max(float(noise.std()), 1e-6)
+    out = sitk.GetArrayFromImage(img) + noise * np.minimum(sd, MAX_SD_HU)
+    res = sitk.GetImageFromArray(np.clip(np.round(out), -1024, 3071).astype(np.int16))
+    res.CopyInformation(source)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="the labelled dataset to paint (any modality)")
+    p.add_argument("reference", help="a labelled CT dataset whose first case gives the Hounsfield units")
+    p.add_argument("output")
+    p.add_argument("--blur-mm", type=float, default=1.0, help="Gaussian sigma at structure borders (mm)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    a = p.parse_args(argv)
+    src, ref, dst = Path(a.source), Path(a.reference), Path(a.output)
+    for d in (src, ref):
+        if not (d / "dataset.json").is_file():
+            print(f"paint_ct_from_labels: {d} is not a dataset (no dataset.json)", file=sys.stderr)
+            return 2
+    ref_label = sorted((ref / "labelsTr").glob("*.nii*"))[0]
+    ref_case = ref_label.name.split(".nii")[0]
+    ref_image = sorted((ref / "imagesTr").glob(f"{ref_case}_0000.nii*"))[0]
+    ref_img = sitk.ReadImage(str(ref_image))
+    stats = reference_hu(ref_img, sitk.Resample(sitk.ReadImage(str(ref_label)), ref_img, sitk.Transform(),
+                                                  sitk.sitkNearestNeighbor, 0), _labels(ref))
+    names = _labels(src)
+    (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(a.seed)
+    for lf in sorted((src / "labelsTr").glob("*.nii*")):
+        case = lf.name.split(".nii")[0]
+        for im in sorted((src / "imagesTr").glob(f"{case}_0000.nii*")):
+            painted = paint(sitk.ReadImage(str(im)), sitk.ReadImage(str(lf)), names, stats, a.blur_mm, rng)
+            sitk.WriteImage(painted, str(dst / "imagesTr" / im.name))
+        shutil.copy(lf, dst / "labelsTr" / lf.name)
+    meta = json.loads((src / "dataset.json").read_text(encoding="utf-8"))
+    meta["channel_names"] = {"0": "CT"}
+    meta["description"] = (f"{src.name}'s labels painted as CT with {ref.name}'s Hounsfield units "
+                           f"(scripts/paint_ct_from_labels.py): not a real scan")
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    print(f"painted CT dataset written to {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
