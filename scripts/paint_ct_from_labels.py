@@ -19,7 +19,8 @@ rather than drawn at random, because the model has to recognise CT, not any cont
     per structure to its spread (at most MAX_SD_HU).
 
 example:
-  python scripts/paint_ct_from_labels.py ../shared/data/mr-abdomen ../shared/data/ct-abdomen runs/painted/mr-person-as-ct
+  python scripts/paint_ct_from_labels.py ../shared/data/mr-abdomen ../shared/data/ct-abdomen runs/painted/mr-person-as-ct \
+      --preview mr-person-as-ct.png
 """
 from __future__ import annotations
 
@@ -140,6 +141,30 @@ def paint(source: sitk.Image, label: sitk.Image, names: dict[str, int], stats: d
     return res
 
 
+def preview(pairs: list[tuple[str, Path, Path, Path]], liver: int | None, source_is_ct: bool, png: Path) -> None:
+    """Each case's source scan beside its painted CT (abdominal window, -160..240 HU; the source in its
+    own 1st-99th percentiles unless it is CT), axial, patient's right on the left, at the slice with the
+    most liver (the middle slice when the labels name no liver)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(8, 4 * len(pairs)), squeeze=False)
+    for (case, source, label, painted), row in zip(pairs, axes):
+        lab = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(label)), "LPS"))
+        k = int(np.argmax((lab == liver).sum((1, 2)))) if liver is not None and (lab == liver).any() else lab.shape[0] // 2
+        for ax, path, title, window in ((row[0], source, f"{case}: source", (-160, 240) if source_is_ct else None),
+                                        (row[1], painted, f"{case}: painted as CT", (-160, 240))):
+            arr = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS"))
+            vmin, vmax = window or np.percentile(arr, [1, 99])
+            ax.imshow(arr[k], cmap="gray", vmin=vmin, vmax=vmax)
+            ax.set_title(title)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=60)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output")
     p.add_argument("--blur-mm", type=float, default=1.0, help="Gaussian sigma at structure borders (mm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--preview", metavar="PNG", help="also draw each case's source and painted scan (the axial slice with the most liver)")
     a = p.parse_args(argv)
     src, ref, dst = Path(a.source), Path(a.reference), Path(a.output)
     for d in (src, ref):
@@ -164,17 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
     (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(a.seed)
+    pairs = []
     for lf in sorted((src / "labelsTr").glob("*.nii*")):
         case = lf.name.split(".nii")[0]
         for im in sorted((src / "imagesTr").glob(f"{case}_0000.nii*")):
             painted = paint(sitk.ReadImage(str(im)), sitk.ReadImage(str(lf)), names, stats, a.blur_mm, rng)
             sitk.WriteImage(painted, str(dst / "imagesTr" / im.name))
+            pairs.append((case, im, lf, dst / "imagesTr" / im.name))
         shutil.copy(lf, dst / "labelsTr" / lf.name)
     meta = json.loads((src / "dataset.json").read_text(encoding="utf-8"))
+    source_is_ct = str(meta.get("channel_names", {}).get("0", "")).upper() == "CT"
     meta["channel_names"] = {"0": "CT"}
     meta["description"] = (f"{src.name}'s labels painted as CT with {ref.name}'s Hounsfield units "
                            f"(scripts/paint_ct_from_labels.py): not a real scan")
     (dst / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if a.preview:
+        preview(pairs, names.get("liver"), source_is_ct, Path(a.preview))
     print(f"painted CT dataset written to {dst}")
     return 0
 
