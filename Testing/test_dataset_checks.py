@@ -190,7 +190,8 @@ def test_hidden_and_other_files_in_images_tr_are_not_cases(tmp_path, tiny_datase
 
 
 def test_a_cohort_report_has_a_row_per_case_and_flags_the_scans_trained_on(tmp_path, tiny_dataset, tiny_model):
-    """The tiny model was trained on case_001 whole; a second, unseen case beside it must not hide that."""
+    """The tiny model was trained on case_001 whole; a second, unseen case beside it must not hide that.
+    The report also repeats the dataset's description."""
     from progidiff.evaluate import evaluate
 
     ds = _copy(tiny_dataset, tmp_path / "ds")
@@ -198,8 +199,13 @@ def test_a_cohort_report_has_a_row_per_case_and_flags_the_scans_trained_on(tmp_p
     lab = sitk.ReadImage(str(_label(ds)))
     sitk.WriteImage(img[:, :, 5:45], str(ds / "imagesTr" / "other_0000.nii.gz"))  # another extent of the body
     sitk.WriteImage(lab[:, :, 5:45], str(ds / "labelsTr" / "other.nii.gz"))
+    meta = json.loads((ds / "dataset.json").read_text(encoding="utf-8"))
+    (ds / "dataset.json").write_text(json.dumps({**meta, "description": "Two crops,\n  one of them cut again"}), encoding="utf-8")
     rep = evaluate(str(tiny_model), str(ds), tmp_path / "eval", proposals=2, steps=1, device="cpu", baseline=None)
     md = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
+    # the report repeats what the dataset says it is (here, that it is not as acquired), on one line
+    assert rep["dataset_description"] == "Two crops, one of them cut again"
+    assert "The dataset, as its dataset.json describes it: Two crops, one of them cut again" in md
     assert "1 of 2 case(s) are whole scans the model was trained on (case_001)" in md
     rows = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith(("| case_001 |", "| other |"))}
     assert set(rows) == {"case_001", "other"}

@@ -160,12 +160,14 @@ def test_card_shows_the_report_s_rounding(tmp_path, d):
     (tmp_path / CARD_NAME).write_text(json.dumps({"name": "m", "modality": "CT"}), encoding="utf-8")
     h = 24.949
     organ = {m: {"dice": d, "hd95": h} for m in ("ranked_first", "consensus", "best_of_n", "randtop3", "baseline")}
-    rep = {"dataset": "data/ct", "evaluated_on": {}, "proposals": 8, "steps": 4, "device": "cpu", "command": "c",
+    rep = {"dataset": "data/ct", "dataset_description": "painted: not a real scan", "evaluated_on": {}, "proposals": 8,
+           "steps": 4, "device": "cpu", "command": "c",
            "organs": {"ivc": {**organ, "ged": d}},
            "mean_dice": {m: d for m in ("ranked_first", "consensus", "best_of_n", "randtop3", "baseline")}}
     record_in_card(rep, tmp_path, None)
     row = next(r for r in (tmp_path / "README.md").read_text(encoding="utf-8").splitlines() if r.startswith("| ivc |"))
     assert row == f"| ivc | {d:.3f} | {h:.1f} | " + " | ".join([f"{d:.3f}"] * 5) + " |", row
+    assert "- The dataset: painted: not a real scan" in (tmp_path / "README.md").read_text(encoding="utf-8")
     # an organ with nothing predicted has no HD95: null in the card (strict JSON), "–" in its README
     rep["organs"]["ivc"]["ranked_first"]["hd95"] = float("nan")
     record_in_card(rep, tmp_path, None)

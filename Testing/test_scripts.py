@@ -201,6 +201,21 @@ def test_painted_ct_takes_each_structure_s_hu_from_the_reference_and_tells_fat_f
     assert abs(np.median(b[ref_fat]) - -100) <= 5 and abs(np.median(b[:, 10:20, 24:30]) - 20) <= 8
 
 
+def test_a_transformed_copy_says_so_in_its_description(tmp_path, monkeypatch):
+    """evaluate repeats a dataset's description in its report and the model card: a resampled copy must not
+    still call itself the scan as acquired."""
+    dc = _load("dataset_copy")
+    img, lab = _image()
+    _write_dataset(tmp_path / "src", "c_001", img, lab, {"background": 0, "liver": 1}, "CT")
+    meta = json.loads((tmp_path / "src" / "dataset.json").read_text())
+    (tmp_path / "src" / "dataset.json").write_text(json.dumps({**meta, "description": "One real CT at 3 mm"}))
+    monkeypatch.setattr("sys.argv", ["scripts/resample_dataset.py", "src", "out dir", "--spacing", "1", "1", "5"])
+    dc.copy_dataset(tmp_path / "src", tmp_path / "out", lambda image, label: image)
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["description"] == ("One real CT at 3 mm. This copy was made by `python scripts/resample_dataset.py src "
+                                   "'out dir' --spacing 1 1 5`: not the scan as acquired")
+    assert meta["labels"] == {"background": 0, "liver": 1} and (tmp_path / "out" / "labelsTr" / "c_001.nii.gz").is_file()
+
 def test_consensus_rules_fuse_agreeing_proposals_and_reject_outliers():
     cr = _load("compare_consensus_rules")
     truth = np.zeros((12, 20, 20), bool)

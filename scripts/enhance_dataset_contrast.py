@@ -21,6 +21,9 @@ import SimpleITK as sitk
 
 from progidiff.data import CONTRAST_GAIN_HU
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dataset_copy import copy_dataset_json  # noqa: E402
+
 #: HU gained over the unenhanced scan in a portal-venous phase (about 70 s after injection), typical
 #: adult values: the organs the engine's contrast-phase augmentation enhances (vessels 90-120,
 #: kidneys at their nephrographic ~120, spleen, pancreas and liver 55-70), and the labelled
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             image, label = sitk.ReadImage(str(im)), sitk.ReadImage(str(lf))
             sitk.WriteImage(enhance(image, label, names, a.blur_mm, a.scale), str(dst / "imagesTr" / im.name))
         shutil.copy(lf, dst / "labelsTr" / lf.name)
-    shutil.copy(src / "dataset.json", dst / "dataset.json")
+    copy_dataset_json(src, dst)
     print(f"contrast-enhanced dataset written to {dst}")
     return 0
 

@@ -50,6 +50,8 @@ def render(card: dict) -> str:
                      f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, base fine-tuned in stage 2: {cfg.get('finetune_base')}")
     for dataset, m in card.get("metrics", {}).items():
         lines += ["", f"## Measured on `{dataset}`", ""]
+        if m.get("dataset_description"):
+            lines.append(f"- The dataset: {m['dataset_description']}")
         lines += [f"- {k}: {v}" for k, v in m.get("evaluated_on", {}).items()]
         base = "baseline" in md if (md := m["mean_dice"]) else False
         lines += [f"- {m['proposals']} proposals, {m['steps']} steps, {m['device']}; command: `{m['command']}`", "",

@@ -35,6 +35,9 @@ class DatasetInfo:
     labels: dict[str, int]
     modality: str | None
     cases: list[CaseEntry]
+    #: dataset.json's "description": what the data is (evaluate's report and the model card repeat it, so that
+    #: numbers measured on a simulated dataset say so wherever they are shown)
+    description: str = ""
 
 
 def read_dataset(root: str | os.PathLike) -> DatasetInfo:
@@ -78,7 +81,8 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
         suffix = img.name[len(name) + len("_0000"):]
         lab = r / "labelsTr" / f"{name}{suffix}"
         cases.append(CaseEntry(name, img, lab if lab.is_file() else None))
-    return DatasetInfo(r, labels, modality, cases)
+    description = meta.get("description") if isinstance(meta.get("description"), str) else ""
+    return DatasetInfo(r, labels, modality, cases, " ".join(description.split()))
 
 
 def read_label(entry: CaseEntry, image: sitk.Image) -> sitk.Image:

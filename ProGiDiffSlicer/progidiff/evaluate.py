@@ -174,7 +174,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                                                         modality)
                     rows.append(OrganScore(entry.name, organ_name, metrics))
                     bar.update(1)
-        report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command)
+        report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command, info.description)
         report["adapter"] = locals().get("used_adapter")
         report["baseline"] = str(base_dir) if base_net is not None else None
         report["modality"] = modality
@@ -215,7 +215,7 @@ def _nanmean(xs):
     return float(np.mean(xs)) if xs else float("nan")
 
 
-def _summarise(rows, regions, engine, dataset, n, steps, seconds, command) -> dict:
+def _summarise(rows, regions, engine, dataset, n, steps, seconds, command, description: str = "") -> dict:
     organs: dict[str, dict] = {}
     for name in dict.fromkeys(r.organ for r in rows):
         rs = [r.metrics for r in rows if r.organ == name]
@@ -234,7 +234,8 @@ def _summarise(rows, regions, engine, dataset, n, steps, seconds, command) -> di
     mean = {m: _nanmean([o[m]["dice"] for o in organs.values()]) for m in METHODS}
     if organs and all("baseline" in o for o in organs.values()):
         mean["baseline"] = _nanmean([o["baseline"]["dice"] for o in organs.values()])
-    return {"model": str(engine.model_dir), "dataset": str(dataset), "proposals": n, "steps": steps,
+    return {"model": str(engine.model_dir), "dataset": str(dataset), "dataset_description": description,
+            "proposals": n, "steps": steps,
             "device": str(engine.device), "seconds": round(seconds, 1), "command": command,
             "evaluated_on": regions, "organs": organs, "mean_dice": mean,
             "cases": [{"case": r.case, "organ": r.organ, **r.metrics} for r in rows]}
@@ -255,7 +256,10 @@ def strict_json(value):
 def _markdown(rep: dict) -> str:
     lines = [f"# Evaluation of `{Path(rep['model']).name}`", "",
              f"Dataset `{rep['dataset']}`, {rep['proposals']} proposals, {rep['steps']} steps, device {rep['device']}, "
-             f"{rep['seconds']:.0f} s.", "", "Evaluated on:"]
+             f"{rep['seconds']:.0f} s.", ""]
+    if rep.get("dataset_description"):
+        lines += [f"The dataset, as its dataset.json describes it: {rep['dataset_description']}", ""]
+    lines += ["Evaluated on:"]
     lines += [f"- `{k}`: {v}" for k, v in rep["evaluated_on"].items()]
     has_base = "baseline" in rep["mean_dice"]
     if has_base:
@@ -347,6 +351,7 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
     card_path = Path(adapter) / "adapter_card.json" if adapter not in (None, "auto") else model_dir / "model_card.json"
     card = json.loads(card_path.read_text(encoding="utf-8"))
     card.setdefault("metrics", {})[Path(rep["dataset"]).name] = {
+        **({"dataset_description": rep["dataset_description"]} if rep.get("dataset_description") else {}),
         "evaluated_on": rep["evaluated_on"], "proposals": rep["proposals"], "steps": rep["steps"],
         "device": rep["device"], "command": rep["command"], "mean_dice": rep["mean_dice"],
         # The measured values, unrounded: rounding before the card's 3-decimal display rounds twice,
