@@ -97,10 +97,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="share of CT training slices (0-1) given a random contrast phase, portal-venous to arterial, "
                         "organ by organ from their labels (default 0: the shipped model was trained without it; a model "
                         "trained on unenhanced scans finds no aorta or IVC on enhanced ones)")
-    p.add_argument("--stomach-fill", type=float, default=d.stomach_fill, metavar="SHARE",
-                   help="share of CT training slices (0-1) whose stomach, from the labels, is filled with a homogeneous "
-                        "content of water to food density (0-60 HU; default 0). A model that saw only a gas-filled stomach "
-                        "takes a full one beside the liver for liver")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
@@ -125,7 +121,7 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
                       dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale),
-                      contrast_phase=a.contrast_phase, stomach_fill=a.stomach_fill)
+                      contrast_phase=a.contrast_phase)
     from accelerate import PartialState  # the state train() sets up: under accelerate launch, say things once
 
     try:

@@ -227,30 +227,6 @@ def contrast_gain(masks: dict[str, np.ndarray], rng: np.random.Generator) -> np.
     return gain
 
 
-#: Stomach-content augmentation: the HU range a filled stomach is drawn in, water (0) to a meal (60).
-#: The training person's stomach holds gas (a tenth of its voxels below -52 HU), and the model learned to
-#: tell it from the liver by that: on a stomach painted at 37 HU, 10 HU from the liver, it took the stomach for
-#: liver (docs/evaluation/ct-painted). Many people are scanned with a stomach full of water or food.
-STOMACH_FILL_HU = (0.0, 60.0)
-#: Spread of the fill's noise (HU): about the training scan's own in soft tissue (liver IQR / 1.349: 12.6).
-STOMACH_FILL_NOISE_HU = 12.0
-
-
-def stomach_fill(stack: np.ndarray, stomach: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``stack`` (CT window in [0, 1]) with the ``stomach`` mask's voxels replaced by a homogeneous
-    content (a level in STOMACH_FILL_HU, with noise), blended over about a pixel at its border (the
-    partial volume)."""
-    if not stomach.any():
-        return stack
-    from scipy.ndimage import gaussian_filter
-
-    lo, hi = CT_WINDOW
-    level = rng.uniform(*STOMACH_FILL_HU)
-    fill = (level + STOMACH_FILL_NOISE_HU * rng.standard_normal(stack.shape) - lo) / (hi - lo)
-    weight = gaussian_filter(stomach.astype(np.float32), sigma=(0, 0.7, 0.7))
-    return np.clip(stack * (1 - weight) + fill * weight, 0.0, 1.0).astype(np.float32)
-
-
 def augmentation(keys: tuple[str, str] = ("image", "label"), strong: bool = True,
                  body_scale: tuple[float, float] = BODY_SCALE):
     """MONAI dictionary transforms that make one body look like others.
@@ -305,8 +281,7 @@ class SliceDataset(torch.utils.data.Dataset):
     def __init__(self, cases: list[PreparedCase], organs: Sequence[str], context: int, length: int,
                  seed: int = 0, positive_fraction: float = 0.75, augment: bool = True,
                  exclude_z: dict[str, list[tuple[float, float]]] | None = None, multilabel: bool = False,
-                 body_scale: tuple[float, float] = BODY_SCALE, contrast_phase: float = 0.0,
-                 stomach_fill: float = 0.0) -> None:
+                 body_scale: tuple[float, float] = BODY_SCALE, contrast_phase: float = 0.0) -> None:
         self.cases = cases
         self.multilabel = multilabel
         self.organs = list(organs)
@@ -317,8 +292,6 @@ class SliceDataset(torch.utils.data.Dataset):
         self.transform = augmentation(body_scale=body_scale) if augment else None
         #: Share of CT slices given a random contrast phase (contrast_gain), from the case's labels.
         self.contrast_phase = contrast_phase if augment else 0.0
-        #: Share of CT slices whose stomach is filled with a homogeneous content (stomach_fill).
-        self.stomach_fill = stomach_fill if augment else 0.0
         self.stacks = [context_slices(c.image, context) for c in cases]
         self.allowed = [training_slices(c, exclude_z) for c in cases]
         self.pairs = [(ci, o) for ci, c in enumerate(cases) for o in self.organs
@@ -361,12 +334,6 @@ class SliceDataset(torch.utils.data.Dataset):
         else:
             label = mask3d[z][None].astype(np.float32)
         item = {"image": self.stacks[ci][z].copy(), "label": label}
-        if self.stomach_fill > 0 and case.modality == "CT" and "stomach" in case.masks:
-            # its own RNG stream, as the contrast phase's: runs without it draw as before
-            fill_rng = np.random.default_rng([self.seed, i, 2])
-            if fill_rng.random() < self.stomach_fill:
-                idx = np.clip(z + np.arange(-self.context, self.context + 1), 0, len(case.z_world) - 1)
-                item["image"] = stomach_fill(item["image"], case.masks["stomach"][idx], fill_rng)
         if self.contrast_phase > 0 and case.modality == "CT":
             item["image"] = self._enhanced(case, z, item["image"], np.random.default_rng([self.seed, i, 1]))
         if self.transform is not None:
