@@ -9,7 +9,7 @@ scan). Painting the CT person from its own labels measures what painting alone c
 How it paints (the label-to-image idea of SynthSeg, Billot et al. 2023, with the intensities measured
 rather than drawn at random, because the model has to recognise CT, not any contrast):
   - a structure's HU: the median and spread (IQR / 1.349) of that structure on the reference CT, its
-    mask eroded by one voxel so that borders do not leak in; a name the reference lacks is matched by
+    mask eroded by one voxel (whichever structure it borders) so that borders do not leak in; a name the reference lacks is matched by
     family (``vertebrae`` to ``vertebrae_L1`` ...; ``lung_left`` to the left lobes), else soft tissue;
   - the unlabelled body: the source scan's body (Otsu threshold, holes filled slice by slice) split
     in two by Otsu on the middle 90 % of the source's own intensities there; of the two, fat is the class farther from the
@@ -37,8 +37,9 @@ import SimpleITK as sitk
 #: differently): a source name missing from the reference takes the pooled statistics of these.
 FAMILIES = {"vertebrae": "vertebrae_", "lung_left": "lung_", "lung_right": "lung_", "ribs": "rib_"}
 AIR_HU, AIR_SD = -1000.0, 10.0
-#: A structure's spread is capped here: the colon's (236 HU) is its gas against its wall, which a flat
-#: paint cannot place; 40 HU is about the widest of the solid organs' and muscles' (pancreas 24, fat 22).
+#: A structure's spread is capped here: the colon's (238 HU on the CT person) is its gas against its wall,
+#: which a flat paint cannot place; 40 HU is above the solid organs' and muscles' (soft tissue 32, pancreas 21,
+#: fat 21, liver 12) and keeps part of the bones' (ribs up to 96).
 MAX_SD_HU = 40.0
 
 
@@ -56,15 +57,20 @@ def reference_hu(image: sitk.Image, label: sitk.Image, names: dict[str, int]) ->
     of its unlabelled ``fat`` and ``soft`` tissue inside the body."""
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
     lab = sitk.GetArrayFromImage(label)
-    eroded = sitk.GetArrayFromImage(sitk.GrayscaleErode(label, [1, 1, 1]))
+    # a voxel is inside its structure when its whole 3x3x3 neighbourhood has its label (largest = smallest
+    # label there): every structure eroded by one voxel at once, whichever label it borders
+    interior = (sitk.GetArrayFromImage(sitk.GrayscaleDilate(label, [1, 1, 1]))
+                == sitk.GetArrayFromImage(sitk.GrayscaleErode(label, [1, 1, 1])))
     stats: dict[str, tuple[float, float]] = {}
     for name, value in names.items():
-        inner = (eroded == value) if value else None
-        if inner is not None and inner.sum() >= 20:
+        if not value:
+            continue
+        inner = (lab == value) & interior
+        if inner.sum() >= 20:
             stats[name] = _robust(hu[inner])
-        elif value and (lab == value).sum() >= 20:
+        elif (lab == value).sum() >= 20:
             stats[name] = _robust(hu[lab == value])
-    free = (lab == 0) & (sitk.GetArrayFromImage(sitk.BinaryErode(label == 0, [1, 1, 1])) > 0)
+    free = (lab == 0) & interior
     stats["fat"] = _robust(hu[free & (hu > -200) & (hu < -30)])
     stats["soft"] = _robust(hu[free & (hu >= -30) & (hu < 100)])
     return stats
@@ -105,6 +111,11 @@ def paint(source: sitk.Image, label: sitk.Image, names: dict[str, int], stats: d
     """A CT-like image on ``source``'s grid from its ``label`` (see the module's docstring)."""
     lab = sitk.GetArrayFromImage(sitk.Resample(label, source, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
     src = sitk.GetArrayFromImage(source).astype(np.float32)
+    muscles = [v for k, v in names.items() if k.startswith(("autochthon", "iliopsoas", "gluteus"))]
+    if not np.isin(lab, muscles).any():
+        raise SystemExit("paint_ct_from_labels: the source labels hold no muscle (autochthon, iliopsoas, gluteus); "
+                         "cannot tell fat from soft tissue")
+    muscle = float(np.median(src[np.isin(lab, muscles)]))
     mean = np.full(lab.shape, AIR_HU, np.float32)
     sd = np.full(lab.shape, AIR_SD, np.float32)
     body = body_mask(source) | (lab > 0)
@@ -113,13 +124,8 @@ def paint(source: sitk.Image, label: sitk.Image, names: dict[str, int], stats: d
     # one of Otsu's two classes (on the CT person: a threshold of -272 HU, air against all tissue)
     lo, hi = np.percentile(src[free], [5, 95])
     threshold = otsu_threshold(np.clip(src[free], lo, hi))
-    muscles = [v for k, v in names.items() if k.startswith(("autochthon", "iliopsoas", "gluteus"))]
-    muscle = float(np.median(src[np.isin(lab, muscles)])) if muscles and np.isin(lab, muscles).any() else None
     bright = free & (src > threshold)
     dark = free & ~bright
-    if muscle is None:
-        raise SystemExit("paint_ct_from_labels: the source labels name no muscle (autochthon, iliopsoas, gluteus); "
-                         "cannot tell fat from soft tissue")
     fat_is_bright = abs(float(np.median(src[bright])) - muscle) > abs(float(np.median(src[dark])) - muscle)
     for region, tissue in ((bright, "fat" if fat_is_bright else "soft"), (dark, "soft" if fat_is_bright else "fat")):
         mean[region], sd[region] = stats[tissue]
