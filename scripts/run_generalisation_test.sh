@@ -9,7 +9,8 @@
 # (8) contrast-enhanced, portal-venous phase, organ by organ from its labels (the scan is unenhanced);
 # and (9) another person's anatomy: the MR person's labels painted as CT with the CT person's Hounsfield
 # units (whole scan; docs/evaluation/ct-painted has its control and what it cannot show).
-# Writes docs/evaluation/ct-generalisation.md and the reports beside it. About 36 min on 2 CPU cores.
+# Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, all nine;
+# earlier runs took up to 35 min for eight, sharing the CPU).
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
 #   PRESENTATION (e.g. ct-thin-noisy): evaluate only these again; the tables are rebuilt from every report.
 set -euo pipefail
