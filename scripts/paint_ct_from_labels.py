@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from progidiff.data import read_dataset, read_label
+from progidiff.errors import InputError
+
 #: Label-name families (TotalSegmentator's "total" and "total_mr" tasks name some structures
 #: differently): a source name missing from the reference takes the pooled statistics of these.
 FAMILIES = {"vertebrae": "vertebrae_", "lung_left": "lung_", "lung_right": "lung_", "ribs": "rib_"}
@@ -41,10 +44,6 @@ AIR_HU, AIR_SD = -1000.0, 10.0
 #: which a flat paint cannot place; 40 HU is above the solid organs' and muscles' (soft tissue 32, pancreas 21,
 #: fat 21, liver 12) and keeps part of the bones' (ribs up to 96).
 MAX_SD_HU = 40.0
-
-
-def _labels(dataset: Path) -> dict[str, int]:
-    return {k: int(v) for k, v in json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
 
 
 def _robust(values: np.ndarray) -> tuple[float, float]:
@@ -108,8 +107,8 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 def paint(source: sitk.Image, label: sitk.Image, names: dict[str, int], stats: dict[str, tuple[float, float]],
           blur_mm: float, rng: np.random.Generator) -> sitk.Image:
-    """A CT-like image on ``source``'s grid from its ``label`` (see the module's docstring)."""
-    lab = sitk.GetArrayFromImage(sitk.Resample(label, source, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    """A CT-like image on ``source``'s grid from its ``label``, on that grid (see the module's docstring)."""
+    lab = sitk.GetArrayFromImage(label)
     src = sitk.GetArrayFromImage(source).astype(np.float32)
     muscles = [v for k, v in names.items() if k.startswith(("autochthon", "iliopsoas", "gluteus"))]
     if not np.isin(lab, muscles).any():
@@ -182,36 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preview", metavar="PNG", help="also draw each case's source and painted scan (the axial slice with the most liver)")
     a = p.parse_args(argv)
     src, ref, dst = Path(a.source), Path(a.reference), Path(a.output)
-    for d in (src, ref):
-        if not (d / "dataset.json").is_file():
-            print(f"paint_ct_from_labels: {d} is not a dataset (no dataset.json)", file=sys.stderr)
-            return 2
-    ref_label = sorted((ref / "labelsTr").glob("*.nii*"))[0]
-    ref_case = ref_label.name.split(".nii")[0]
-    ref_image = sorted((ref / "imagesTr").glob(f"{ref_case}_0000.nii*"))[0]
-    ref_img = sitk.ReadImage(str(ref_image))
-    stats = reference_hu(ref_img, sitk.Resample(sitk.ReadImage(str(ref_label)), ref_img, sitk.Transform(),
-                                                  sitk.sitkNearestNeighbor, 0), _labels(ref))
-    names = _labels(src)
-    (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(a.seed)
-    pairs = []
-    for lf in sorted((src / "labelsTr").glob("*.nii*")):
-        case = lf.name.split(".nii")[0]
-        for im in sorted((src / "imagesTr").glob(f"{case}_0000.nii*")):
-            painted = paint(sitk.ReadImage(str(im)), sitk.ReadImage(str(lf)), names, stats, a.blur_mm, rng)
-            sitk.WriteImage(painted, str(dst / "imagesTr" / im.name))
-            pairs.append((case, im, lf, dst / "imagesTr" / im.name))
-        shutil.copy(lf, dst / "labelsTr" / lf.name)
+    # read_dataset / read_label: the engine's dataset reading (label names, hidden files, file_ending) and its
+    # check that a label lies on its image's grid, so painting reads a dataset as train and evaluate do
+    try:
+        info, ref_info = read_dataset(src), read_dataset(ref)
+        ref_case = next((c for c in ref_info.cases if c.label is not None), None)
+        if ref_case is None:
+            raise InputError(f"{ref}: no case has a label file in labelsTr/")
+        ref_img = sitk.ReadImage(str(ref_case.image))
+        stats = reference_hu(ref_img, read_label(ref_case, ref_img), ref_info.labels)
+        (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(a.seed)
+        pairs = []
+        for case in (c for c in info.cases if c.label is not None):
+            source = sitk.ReadImage(str(case.image))
+            painted = paint(source, read_label(case, source), info.labels, stats, a.blur_mm, rng)
+            sitk.WriteImage(painted, str(dst / "imagesTr" / case.image.name))
+            pairs.append((case.name, case.image, case.label, dst / "imagesTr" / case.image.name))
+            shutil.copy(case.label, dst / "labelsTr" / case.label.name)
+    except InputError as exc:
+        print(f"paint_ct_from_labels: {exc}", file=sys.stderr)
+        return 2
     meta = json.loads((src / "dataset.json").read_text(encoding="utf-8"))
-    source_is_ct = str(meta.get("channel_names", {}).get("0", "")).upper() == "CT"
     meta["channel_names"] = {"0": "CT"}
     meta["description"] = (f"{src.name}'s labels painted as CT with {ref.name}'s Hounsfield units "
                            f"(scripts/paint_ct_from_labels.py): not a real scan")
     (dst / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     if a.preview:
-        preview(pairs, names.get("liver"), source_is_ct, Path(a.preview))
+        preview(pairs, info.labels.get("liver"), info.modality == "CT", Path(a.preview))
     print(f"painted CT dataset written to {dst}")
     return 0
 
