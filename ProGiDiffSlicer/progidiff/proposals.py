@@ -46,7 +46,10 @@ class ProposalSet:
 
 
 def rank(masks: np.ndarray) -> ProposalSet:
-    """Rank by agreement with the others (mean pairwise Dice), ties by index."""
+    """Rank by agreement with the others (mean pairwise Dice), ties by index. Two scores from the
+    model's own samples picked worse proposals on 45 organ x presentation pairs of `ct-v13` (mean Dice of
+    the first: agreement 0.665, self-consistency after re-noising 0.649, decoded confidence 0.624):
+    docs/evaluation/ranking-rules/README.md."""
     n = masks.shape[0]
     d = pairwise_dice(masks)
     if n == 1:
