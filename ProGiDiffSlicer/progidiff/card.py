@@ -12,6 +12,17 @@ def format_mm(value: float | None) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.1f}"
 
 
+def unseen_ends_text(ends: dict[str, list[str]]) -> str:
+    """One sentence from the card's ``training.unseen_organ_ends`` ({"liver": ["superior"], ...})."""
+    by_end: dict[str, list[str]] = {}
+    for organ, sides in ends.items():
+        for side in sides:
+            by_end.setdefault(side, []).append(organ)
+    parts = [f"the {side} end of {', '.join(organs)}" for side, organs in sorted(by_end.items())]
+    return ("; ".join(parts) + ". Every training scan's field of view cuts these organs off there, so where a scan "
+            "shows that end (and what lies beyond it) the model is on ground it never trained on: review it there.")
+
+
 def render(card: dict) -> str:
     t = card.get("training", {})
     adapter = card.get("kind") == "lora-adapter"
@@ -44,6 +55,8 @@ def render(card: dict) -> str:
         lines.append(f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}")
     if t.get("adapt_z_mm"):
         lines.append(f"- Adaptation slab (world z, mm): {json.dumps(t['adapt_z_mm'])}")
+    if t.get("unseen_organ_ends"):
+        lines.append(f"- **Never seen in training**: {unseen_ends_text(t['unseen_organ_ends'])}")
     cfg = t.get("config")
     if cfg:
         lines.append(f"- Settings: stage 1 {cfg.get('stage1_steps')} steps, stage 2 {cfg.get('stage2_steps')} steps, "

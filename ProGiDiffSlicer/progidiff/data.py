@@ -197,6 +197,24 @@ def untrainable_organs(cases: Sequence[PreparedCase], organs: Sequence[str], exc
     return [o for o in organs if not any(o in c.masks and c.masks[o][a].any() for c, a in zip(cases, allowed))]
 
 
+def unseen_organ_ends(cases: Sequence[PreparedCase], organs: Sequence[str],
+                      exclude_z: dict[str, list] | None = None) -> dict[str, list[str]]:
+    """The ends of each organ that no training slice shows: ``{"liver": ["superior"]}`` when every
+    case that holds the liver still holds it on its highest training slice (the field of view cuts it
+    off there, so the model never saw where it ends). The model grid runs inferior -> superior.
+    Organs seen whole in at least one case, or in none, are left out."""
+    out: dict[str, list[str]] = {}
+    allowed = [training_slices(c, exclude_z) for c in cases]
+    for organ in organs:
+        held = [(c.masks[organ], a) for c, a in zip(cases, allowed) if organ in c.masks and len(a) and c.masks[organ][a].any()]
+        if not held:
+            continue
+        ends = [end for end, k in (("inferior", 0), ("superior", -1)) if all(m[a[k]].any() for m, a in held)]
+        if ends:
+            out[organ] = ends
+    return out
+
+
 #: Default range of the body-size augmentation: the slice's content drawn 0.8x to 1.33x as large.
 BODY_SCALE = (0.8, 4 / 3)
 

@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .data import BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, prepare_case, read_dataset, untrainable_organs
+from .data import (BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, prepare_case, read_dataset, unseen_organ_ends,
+                   untrainable_organs)
 from .errors import InputError
 from .model import ProGiDiffModel, small_unet_config
 from .outputs import check_output_dir
@@ -391,7 +392,8 @@ def train(cfg: TrainConfig, progress: bool = True,
             "training": {"command": cfg.command, "dataset": str(cfg.dataset), "cases": [c.name for c in cases],
                          "seconds": round(seconds, 1), "processes": accelerator.num_processes,
                          "device": str(accelerator.device), "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
-                         "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()}},
+                         "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()},
+                         "unseen_organ_ends": unseen_organ_ends(cases, cfg.organs, slabs)},
         }
         if state.resumed_at:
             card["training"]["resumed_at_stage_step"] = state.resumed_at
