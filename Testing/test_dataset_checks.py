@@ -211,3 +211,35 @@ def test_a_cohort_report_has_a_row_per_case_and_flags_the_scans_trained_on(tmp_p
     assert set(rows) == {"case_001", "other"}
     per = {(c["case"], c["organ"]): c["ranked_first"]["dice"] for c in rep["cases"]}
     assert f"{per['other', 'liver']:.3f} (" in rows["other"]
+
+
+def test_a_prepared_case_keeps_nothing_at_the_scan_s_resolution(tmp_path, tiny_dataset):
+    """train prepares every case of a cohort before it starts: a case held at its scan's resolution
+    (a 512x512x200 CT and its labels: 254 MB) would make 100 cases not fit in memory."""
+    from progidiff.data import prepare_case
+    from progidiff.prompts import Vocabulary
+    from progidiff.volume import GridSpec
+
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    info = read_dataset(ds)
+    entry = info.cases[0]
+    # the crop upsampled 3x in-plane and in z: 27x the voxels of the model-grid work
+    for path, interp in ((entry.image, sitk.sitkLinear), (entry.label, sitk.sitkNearestNeighbor)):
+        img = sitk.ReadImage(str(path))
+        ref = sitk.Image([s * 3 for s in img.GetSize()], img.GetPixelID())
+        ref.SetSpacing([s / 3 for s in img.GetSpacing()])
+        ref.SetOrigin(img.GetOrigin())
+        ref.SetDirection(img.GetDirection())
+        sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), interp), str(path))
+    scan_bytes = sitk.ReadImage(str(entry.image)).GetNumberOfPixels() * 4
+    case = prepare_case(entry, info.labels, Vocabulary.load(), GridSpec((12.0, 12.0, 10.0), (32, 32)), ["liver"], "CT")
+    held = 0
+    for value in vars(case).values():
+        if isinstance(value, np.ndarray):
+            held += value.nbytes
+        elif isinstance(value, dict):
+            held += sum(v.nbytes for v in value.values())
+        elif isinstance(value, sitk.Image):
+            held += value.GetNumberOfPixels() * value.GetSizeOfPixelComponent()
+    assert held < scan_bytes / 100
+    assert len(case.scan_z_mm) == sitk.ReadImage(str(entry.image)).GetSize()[2]

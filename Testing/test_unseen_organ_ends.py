@@ -26,7 +26,7 @@ def _case(name: str, organ_slices: dict[str, tuple[int, int]], body: tuple[int, 
         m = np.zeros((10, 8, 8), bool)
         m[lo:hi + 1, 3:5, 3:5] = True
         masks[organ] = m
-    return PreparedCase(name, "CT", image, masks, z0 + 5.0 * np.arange(10), sitk.Image(), sitk.Image())
+    return PreparedCase(name, "CT", image, masks, z0 + 5.0 * np.arange(10), sitk.Image(), z0 + 5.0 * np.arange(10))
 
 
 def test_an_end_is_unseen_only_where_every_case_cuts_the_organ_off():

@@ -145,10 +145,7 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     holdout: dict[str, list[tuple[float, float]]] = {}
     adapt_slabs = {}
     for c in cases:
-        img = c.scan_image
-        size = img.GetSize()
-        zs = np.array([img.TransformIndexToPhysicalPoint((size[0] // 2, size[1] // 2, k))[2] for k in range(size[2])])
-        adapt_slabs[c.name], holdout[c.name] = shot_slab(zs, cfg.shots)
+        adapt_slabs[c.name], holdout[c.name] = shot_slab(c.scan_z_mm, cfg.shots)
     from .prompts import TextEncoder, default_text_encoder_dir
 
     encoder = TextEncoder(default_text_encoder_dir(), max_length=base.config.text_max_length)

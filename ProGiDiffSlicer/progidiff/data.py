@@ -135,7 +135,12 @@ def grid_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
 @dataclass
 class PreparedCase:
     """One scan on the model grid: image (Z, H, W) in [0, 1], one mask per organ, world z per slice
-    and body-axis coordinate per slice (anatomical guidance)."""
+    and body-axis coordinate per slice (anatomical guidance); and the world z of the scan's own
+    slices (the few-shot slab of ``adapt`` is cut on them).
+
+    It keeps nothing at the scan's resolution: train prepares every case before it starts, and a
+    512x512x200 CT with its label map held 254 MB each (measured), so a 100-case cohort would not
+    have fitted in 24 GB; on the model grid a case is about 1 MB."""
 
     name: str
     modality: str
@@ -143,8 +148,7 @@ class PreparedCase:
     masks: dict[str, np.ndarray]
     z_world: np.ndarray
     grid: sitk.Image = field(repr=False)
-    scan_image: sitk.Image = field(repr=False)
-    label_image: sitk.Image | None = field(default=None, repr=False)
+    scan_z_mm: np.ndarray = field(repr=False)
     coords: np.ndarray | None = None
 
 
@@ -154,7 +158,6 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
     mod = modality or guess_modality(scan)[0]
     ref, image = on_model_grid(scan.image, grid, mod)
     masks: dict[str, np.ndarray] = {}
-    label_img = None
     if entry.label is not None:
         label_img = read_label(entry, scan.image)
         lab_arr = sitk.GetArrayViewFromImage(label_img)
@@ -166,8 +169,9 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
             binary.CopyInformation(label_img)
             masks[organ] = label_to_model_grid(binary, ref)
     z0, sz, nz = ref.GetOrigin()[2], ref.GetSpacing()[2], ref.GetSize()[2]
-    return PreparedCase(entry.name, mod, image, masks, z0 + sz * np.arange(nz), ref, scan.image, label_img,
-                        body_axis_coords(image))
+    size = scan.image.GetSize()
+    scan_z = np.array([scan.image.TransformIndexToPhysicalPoint((size[0] // 2, size[1] // 2, k))[2] for k in range(size[2])])
+    return PreparedCase(entry.name, mod, image, masks, z0 + sz * np.arange(nz), ref, scan_z, body_axis_coords(image))
 
 
 def organ_label_values(labels: dict[str, int], vocabulary: Vocabulary, organ: str) -> list[int]:
