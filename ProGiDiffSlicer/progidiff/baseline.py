@@ -40,7 +40,7 @@ def build_unet(in_channels: int, out_channels: int, channels: Sequence[int]) -> 
                 strides=tuple([2] * (len(channels) - 1)), num_res_units=1, norm="batch")
 
 
-def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True) -> Path:
+def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True, held_cases: list[str] | None = None) -> Path:
     """Train the baseline into ``cfg.output`` with the diffusion run's data, transforms and
     budget (stage 1 + stage 2 steps, same batch size and learning rate)."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -104,7 +104,8 @@ def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True) ->
         "grid": {"spacing_mm": list(cfg.grid_spacing), "size": [cfg.grid_size, cfg.grid_size], "context": cfg.context},
         "training": {"command": cfg.command, "dataset": str(cfg.dataset), "cases": [c.name for c in cases],
                      "steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds": round(time.time() - t0, 1),
-                     "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()}},
+                     "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()},
+                     "holdout_cases": list(held_cases or [])},
         "parameters": sum(p.numel() for p in net.parameters()),
         "sha256": {BASELINE_WEIGHTS: sha256(out / BASELINE_WEIGHTS)},
     }
@@ -126,7 +127,8 @@ def render_card(card: dict) -> str:
         "", "## Training", "",
         f"- Command: `{t['command']}`", f"- Data: `{t['dataset']}`, cases {', '.join(t['cases'])}",
         f"- {t['steps']} steps, batch {t['batch_size']}, lr {t['lr']}; wall time {t['seconds'] / 60:.1f} min on the CPU",
-        f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}", "",
+        f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}",
+        *([f"- Held out from training, whole cases: {', '.join(t['holdout_cases'])}"] if t.get("holdout_cases") else []), "",
         "Measured numbers: the `baseline UNet` column of `progidiff evaluate` (it finds this folder beside the model "
         "as `<model>-baseline-unet`).", ""])
 

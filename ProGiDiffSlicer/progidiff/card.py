@@ -53,6 +53,8 @@ def render(card: dict) -> str:
                      f"**{first + t.get('seconds', 0) / 60:.1f} min in all**")
     if t.get("holdout_z_mm"):
         lines.append(f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}")
+    if t.get("holdout_cases"):
+        lines.append(f"- Held out from training, whole cases: {', '.join(t['holdout_cases'])}")
     if t.get("adapt_z_mm"):
         lines.append(f"- Adaptation slab (world z, mm): {json.dumps(t['adapt_z_mm'])}")
     if t.get("unseen_organ_ends"):

@@ -30,6 +30,7 @@ EPILOG_TRAIN = """example:
   progidiff train MY_DATASET -o my_model --init-from Resources/Models/progidiff-ct-abdomen --stage2-steps 500 --lr 1e-4
   accelerate launch -m progidiff.cli train DATASET -o MODEL --mixed-precision bf16   # several GPUs
   progidiff train ../shared/data/ct-abdomen -o my_model --organs liver spleen --resume   # go on after Ctrl-C
+  progidiff train MY_COHORT -o my_model --holdout-cases 5   # then: progidiff evaluate my_model MY_COHORT -o eval/
 """
 
 
@@ -65,8 +66,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--holdout-fraction", type=float, default=0.0,
                    help="hold out a central slab of this fraction of the organs' extent (for evaluate)")
+    p.add_argument("--holdout-cases", type=int, default=0, metavar="N",
+                   help="hold out N whole labelled cases (drawn with --seed; recorded in the card), for evaluate to "
+                        "score on: a cohort's usual split")
     p.add_argument("--holdout-like", metavar="DIR",
-                   help="hold out the same slabs as this model/adapter card (e.g. to train a baseline on the same shots)")
+                   help="hold out the same slabs and cases as this model/adapter card (e.g. to train a baseline on the "
+                        "same split)")
     p.add_argument("--modality", choices=["CT", "MR"], help="the dataset's modality (default: from dataset.json)")
     p.add_argument("--finetune-base", action="store_true",
                    help="stage 2 also trains the base UNet (ProGiDiff freezes it; faster convergence on small budgets)")
@@ -108,6 +113,12 @@ def _holdout_from(folder: str) -> dict:
     return holdout_of(Path(folder))
 
 
+def _held_out_cases_from(folder: str) -> tuple[str, ...]:
+    from .evaluate import held_out_cases_of
+
+    return tuple(held_out_cases_of(Path(folder)))
+
+
 def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from . import checkpoints
     from .train import TrainConfig, train
@@ -119,6 +130,8 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       resume=a.resume, workers=a.workers, command="progidiff " + shlex.join(argv),
                       modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale,
                       holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
+                      holdout_cases=a.holdout_cases,
+                      holdout_case_names=_held_out_cases_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
                       dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale),
                       contrast_phase=a.contrast_phase)

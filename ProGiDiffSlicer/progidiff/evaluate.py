@@ -84,12 +84,21 @@ class OrganScore:
     metrics: dict
 
 
+def _training_record(folder: Path) -> dict:
+    for name in ("adapter_card.json", "model_card.json", "baseline_card.json"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text(encoding="utf-8")).get("training", {})
+    raise InputError(f"{folder}: holds neither a model card nor an adapter card.")
+
+
 def holdout_of(folder: Path) -> dict:
     """The held-out slabs recorded in a model card or an adapter card."""
-    for name in ("adapter_card.json", "model_card.json"):
-        if (folder / name).is_file():
-            return json.loads((folder / name).read_text(encoding="utf-8")).get("training", {}).get("holdout_z_mm", {})
-    raise InputError(f"{folder}: holds neither a model card nor an adapter card.")
+    return _training_record(folder).get("holdout_z_mm", {})
+
+
+def held_out_cases_of(folder: Path) -> list[str]:
+    """The whole cases a model card says were held out from training (``train --holdout-cases``)."""
+    return list(_training_record(folder).get("holdout_cases", []))
 
 
 def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, steps: int = DEFAULT_STEPS, seed: int = 0,
@@ -107,12 +116,13 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     modality = modality if modality != "auto" else (info.modality or "auto")
     trained_on = set(card.get("training", {}).get("cases", []))
     if region_from:
-        holdout = holdout_of(Path(region_from))
+        holdout, held_cases = holdout_of(Path(region_from)), set(held_out_cases_of(Path(region_from)))
     elif adapter not in (None, "auto"):
-        holdout = holdout_of(Path(adapter))
+        holdout, held_cases = holdout_of(Path(adapter)), set()
         trained_on |= set(holdout)
     else:
         holdout = card.get("training", {}).get("holdout_z_mm", {})
+        held_cases = set(card.get("training", {}).get("holdout_cases", []))
     organs = [o for o in card.get("organs", []) if organ_label_values(info.labels, engine.vocabulary, o)]
     if not organs:
         raise InputError(f"{dataset}: its labels name none of the model's organs ({', '.join(card.get('organs', []))}).")
@@ -123,6 +133,12 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     cases = [c for c in info.cases if c.label is not None]
     if not cases:
         raise InputError(f"{dataset}: no case has a label file in labelsTr/; evaluate compares with the labels.")
+    # With whole cases held out of training (train --holdout-cases) the cases it trained on whole say
+    # nothing of scans it has not seen: score the held-out ones (and any held-out slab) only.
+    skipped: list[str] = []
+    if held_cases & {c.name for c in cases}:
+        skipped = [c.name for c in cases if c.name in trained_on and c.name not in holdout]
+        cases = [c for c in cases if c.name not in skipped]
     with staging(outdir, overwrite) as tmp:
         with tqdm(total=len(cases) * len(organs), desc="evaluate", dynamic_ncols=True) as bar:
             for entry in cases:
@@ -134,6 +150,8 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                     keep = slab_mask(scan.image, slabs)
                     regions[entry.name] = ("held-out slab(s) " + ", ".join(f"z in [{lo:.1f}, {hi:.1f}] mm" for lo, hi in slabs)
                                            + f" ({keep.mean():.0%} of the scan; not used in training)")
+                elif entry.name in held_cases:
+                    regions[entry.name] = "whole scan, a case held out from training"
                 elif entry.name in trained_on:
                     regions[entry.name] = TRAINED_ON + " (no held-out slab recorded)"
                 else:
@@ -175,6 +193,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                     rows.append(OrganScore(entry.name, organ_name, metrics))
                     bar.update(1)
         report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command, info.description)
+        report["skipped_training_cases"] = skipped
         report["adapter"] = locals().get("used_adapter")
         report["baseline"] = str(base_dir) if base_net is not None else None
         report["modality"] = modality
@@ -261,6 +280,10 @@ def _markdown(rep: dict) -> str:
         lines += [f"The dataset, as its dataset.json describes it: {rep['dataset_description']}", ""]
     lines += ["Evaluated on:"]
     lines += [f"- `{k}`: {v}" for k, v in rep["evaluated_on"].items()]
+    if rep.get("skipped_training_cases"):
+        n = len(rep["skipped_training_cases"])
+        lines += [f"- not scored: {n} case(s) the model was trained on whole "
+                  f"({', '.join(rep['skipped_training_cases'])})"]
     has_base = "baseline" in rep["mean_dice"]
     if has_base:
         lines += [f"- baseline: deterministic MONAI UNet `{Path(rep['baseline']).name}` (same data, transforms and budget)"]

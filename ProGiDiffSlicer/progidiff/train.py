@@ -54,6 +54,11 @@ class TrainConfig:
     encoder_channels: tuple[int, ...] = (16, 32, 32)
     holdout_fraction: float = 0.0
     holdout_z: dict | None = None  # {case: [(lo, hi), ...]} world-z slabs (mm) kept out of training
+    #: Whole labelled cases kept out of training, for evaluate: this many, drawn with ``seed`` (a
+    #: cohort's usual split: another person's scan, not another slab of the same person's) ...
+    holdout_cases: int = 0
+    #: ... or these, by name (``--holdout-like``: the same split as another model, e.g. its baseline)
+    holdout_case_names: tuple[str, ...] | None = None
     modality: str | None = None
     mixed_precision: str = "no"
     checkpoint_every: int = 500
@@ -88,6 +93,27 @@ class TrainConfig:
     workers: int = 1
     command: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def split_cases(cfg: TrainConfig, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(training case names, held-out case names) among the dataset's labelled cases."""
+    if cfg.holdout_case_names is not None and cfg.holdout_cases:
+        raise InputError("Give --holdout-cases or --holdout-like, not both: --holdout-like brings its card's held-out cases.")
+    if cfg.holdout_case_names is not None:
+        missing = [n for n in cfg.holdout_case_names if n not in names]
+        if missing:
+            raise InputError(f"{cfg.dataset}: the held-out case(s) {', '.join(missing)} of the card given to "
+                             "--holdout-like are not in this dataset; give the dataset that model was trained on.")
+        held = sorted(cfg.holdout_case_names)
+    else:
+        if cfg.holdout_cases < 0:
+            raise InputError(f"--holdout-cases must be 0 or more, got {cfg.holdout_cases}.")
+        if cfg.holdout_cases and cfg.holdout_cases >= len(names):
+            raise InputError(f"{cfg.dataset}: --holdout-cases {cfg.holdout_cases} leaves nothing to train on (it has "
+                             f"{len(names)} labelled case(s)); hold out fewer.")
+        held = sorted(np.random.default_rng(cfg.seed).choice(sorted(names), cfg.holdout_cases, replace=False).tolist()) \
+            if cfg.holdout_cases else []
+    return [n for n in names if n not in held], held
 
 
 def organs_to_train(cfg: TrainConfig, labels: dict[str, int], vocab: Vocabulary) -> tuple[str, ...]:
@@ -243,10 +269,14 @@ def train(cfg: TrainConfig, progress: bool = True,
     init = _load_init(cfg) if cfg.init_from else None
     grid = GridSpec(tuple(cfg.grid_spacing), (cfg.grid_size, cfg.grid_size))
     t0 = time.time()
-    cases = [prepare_case(e, info.labels, vocab, grid, cfg.organs, cfg.modality or info.modality)
-             for e in info.cases if e.label is not None]
-    if not cases:
+    labelled = [e for e in info.cases if e.label is not None]
+    if not labelled:
         raise InputError(f"{cfg.dataset}: no case has a label file in labelsTr/.")
+    train_names, held_cases = split_cases(cfg, [e.name for e in labelled])
+    if held_cases:
+        log.info("held out from training: %d whole case(s), %s", len(held_cases), ", ".join(held_cases))
+    cases = [prepare_case(e, info.labels, vocab, grid, cfg.organs, cfg.modality or info.modality)
+             for e in labelled if e.name in train_names]
     log.info("prepared %d case(s) in %.1fs", len(cases), time.time() - t0)
     slabs = cfg.holdout_z or holdout_slabs(cases, cfg.organs, cfg.holdout_fraction)
     missing = untrainable_organs(cases, cfg.organs, slabs)
@@ -261,7 +291,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                              "(it trains in one go: 12.7 min for the shipped one on 2 CPU cores).")
         from .baseline import train_baseline
 
-        return train_baseline(cfg, cases, slabs, t0, progress=progress)
+        return train_baseline(cfg, cases, slabs, t0, progress=progress, held_cases=held_cases)
     if cfg.stage1_data not in ("masks", "images"):
         raise InputError(f"--stage1-data must be masks or images, got {cfg.stage1_data!r}.")
 
@@ -393,6 +423,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                          "seconds": round(seconds, 1), "processes": accelerator.num_processes,
                          "device": str(accelerator.device), "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
                          "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in slabs.items()},
+                         "holdout_cases": held_cases,
                          "unseen_organ_ends": unseen_organ_ends(cases, cfg.organs, slabs)},
         }
         if state.resumed_at:
