@@ -282,3 +282,27 @@ def test_contrast_phase_out_of_range_is_one_line_error(tmp_path, tiny_dataset, c
 
     rc = main(["train", str(tiny_dataset), "-o", str(tmp_path / "m"), "--contrast-phase", "1.5"])
     assert rc == 2 and capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_a_partly_labelled_cohort_draws_each_organ_as_often():
+    """Liver labelled in both cases, spleen in one (two datasets merged): each organ half the items,
+    and the liver from both cases alike (drawing (case, organ) pairs gave the liver 2/3)."""
+    from progidiff.data import PreparedCase, SliceDataset
+
+    def case(name, organs, grey):
+        image = np.full((6, 16, 16), grey, np.float32)   # the case's grey level tells its items apart
+        masks = {}
+        for o in organs:
+            m = np.zeros((6, 16, 16), bool)
+            m[1:5, 4:10, 4:10] = True
+            masks[o] = m
+        return PreparedCase(name, "CT", image, masks, 5.0 * np.arange(6), sitk.Image(), 5.0 * np.arange(6))
+
+    ds = SliceDataset([case("a", ["liver"], 0.3), case("b", ["liver", "spleen"], 0.7)], ["liver", "spleen"], context=1,
+                      length=2000, augment=False)
+    items = [ds[i] for i in range(2000)]
+    organs = np.array([it["organ"] for it in items])
+    from_a = np.array([float(it["image"].mean()) < 0.5 for it in items])
+    assert abs((organs == 0).mean() - 0.5) < 0.04
+    assert abs(from_a[organs == 0].mean() - 0.5) < 0.06
+    assert not from_a[organs == 1].any()

@@ -316,9 +316,13 @@ class SliceDataset(torch.utils.data.Dataset):
         self.contrast_phase = contrast_phase if augment else 0.0
         self.stacks = [context_slices(c.image, context) for c in cases]
         self.allowed = [training_slices(c, exclude_z) for c in cases]
-        self.pairs = [(ci, o) for ci, c in enumerate(cases) for o in self.organs
-                      if o in c.masks and c.masks[o][self.allowed[ci]].any()]
-        if not self.pairs:
+        #: For each organ, the cases whose training slices hold it. An item draws the organ first, then
+        #: one of its cases: in a partly labelled cohort (one dataset's livers, another's spleens) each
+        #: organ is drawn as often, however many cases label it.
+        self.holders = {o: [ci for ci, c in enumerate(cases) if o in c.masks and c.masks[o][self.allowed[ci]].any()]
+                        for o in self.organs}
+        self.drawn = [o for o in self.organs if self.holders[o]]
+        if not self.drawn:
             raise InputError("No training slice holds any of the requested organs; check --organs and the label names in dataset.json.")
 
     def __len__(self) -> int:
@@ -341,7 +345,10 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, i])
-        ci, organ = self.pairs[rng.integers(len(self.pairs))]
+        organ = self.drawn[rng.integers(len(self.drawn))]
+        holders = self.holders[organ]
+        # the case from a stream of its own, so that one case draws exactly as before cases were drawn
+        ci = holders[np.random.default_rng([self.seed, i, 2]).integers(len(holders))] if len(holders) > 1 else holders[0]
         case = self.cases[ci]
         allowed = self.allowed[ci]
         mask3d = case.masks[organ]
