@@ -100,8 +100,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "0.6 1.6667, which keeps the spleen on smaller bodies and the stomach on larger ones)")
     p.add_argument("--contrast-phase", type=float, default=d.contrast_phase, metavar="SHARE",
                    help="share of CT training slices (0-1) given a random contrast phase, portal-venous to arterial, "
-                        "organ by organ from their labels (default 0: the shipped model was trained without it; a model "
-                        "trained on unenhanced scans finds no aorta or IVC on enhanced ones)")
+                        "organ by organ from their labels (default 0; the shipped model's last 600 steps used 0.5: a "
+                        "model trained on unenhanced scans only finds no aorta or IVC on enhanced ones)")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
