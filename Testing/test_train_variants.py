@@ -137,6 +137,28 @@ def test_evaluate_reports_the_baseline_beside_the_proposals(tmp_path, tiny_datas
     md = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
     assert "baseline UNet Dice" in md
     assert (tmp_path / "eval" / "report.png").stat().st_size > 1000
+    # the slice figure: every organ's worst slice, with the baseline's outline too
+    assert "](report-slices.png)" in md
+    assert (tmp_path / "eval" / "report-slices.png").stat().st_size > 5000
+
+
+def test_the_slice_figure_shows_where_the_ranked_first_proposal_is_most_wrong(tmp_path):
+    from progidiff.overview import render_slices, slice_panel
+
+    image = np.zeros((5, 20, 20), np.float32)
+    ref = np.zeros((5, 20, 20), bool)
+    ref[:, 5:15, 5:15] = True                     # largest on every slice alike
+    first = ref.copy()
+    first[3, 5:15, 15:19] = True                  # slice 3: 40 voxels taken in
+    first[1, 5:8, 5:15] = False                   # slice 1: 30 voxels missed
+    z, panel = slice_panel(image, {"reference": ref, "ranked_first": first, "consensus": ref}, 1.0)
+    assert z == 3 and panel["ranked_first"].sum() == 140 and panel["reference"].sum() == 100
+    # a proposal that is right everywhere: the reference's largest slice
+    ref2 = ref.copy()
+    ref2[2, 2:18, 2:18] = True
+    assert slice_panel(image, {"reference": ref2, "ranked_first": ref2}, 1.0)[0] == 2
+    render_slices([("liver", panel)], tmp_path / "s.png", "t")
+    assert (tmp_path / "s.png").stat().st_size > 1000
 
 
 def test_per_slice_dice_weighs_a_missed_small_organ_like_a_missed_large_one():

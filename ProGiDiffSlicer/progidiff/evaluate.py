@@ -128,6 +128,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         raise InputError(f"{dataset}: its labels name none of the model's organs ({', '.join(card.get('organs', []))}).")
     rows: list[OrganScore] = []
     regions: dict[str, str] = {}
+    worst: dict[str, tuple] = {}  # organ -> (ranked-first Dice, consensus Dice, case, slice panel), lowest case
     rng = np.random.default_rng(seed)
     t0 = time.time()
     cases = [c for c in info.cases if c.label is not None]
@@ -184,9 +185,13 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         "reference_ml": float(ref.sum()) * scan.voxel_volume_ml,
                         "seconds": res.seconds,
                     }
+                    base_mask = None
                     if base_net is not None and organ_name in base_net.organs:
-                        b = dice_hd95(base_net.segment(scan, organ_name, modality) & keep, ref, sp)
+                        base_mask = base_net.segment(scan, organ_name, modality)
+                        b = dice_hd95(base_mask & keep, ref, sp)
                         metrics["baseline"] = {"dice": b[0], "hd95": b[1]}
+                    if organ_name not in worst or per[0][0] < worst[organ_name][0]:
+                        worst[organ_name] = (per[0][0], cons[0], entry.name, _panel(scan, res, ref, base_mask))
                     if simulate_edits:
                         metrics["edit"] = simulate_edit(engine, scan, organ.display, res, ref, keep, sp, proposals, steps, seed,
                                                         modality)
@@ -200,6 +205,13 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         (tmp / "report.json").write_text(json.dumps(strict_json(report), indent=2, allow_nan=False), encoding="utf-8")
         (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
         _figure(report, tmp / "report.png")
+        if worst:
+            from .overview import render_slices
+
+            render_slices([(f"{o.replace('_', ' ')} · {case} · z {z:.0f} mm\nDice {d:.3f} (consensus {c:.3f})", panel)
+                           for o, (d, c, case, (z, panel)) in worst.items()], tmp / "report-slices.png",
+                          f"{Path(report['model']).name}: each organ's slice where the ranked-first proposal is most "
+                          "wrong" + (", in its lowest-scoring case" if len(regions) > 1 else ""))
     return report
 
 
@@ -232,6 +244,23 @@ def simulate_edit(engine: Engine, scan, prompt: str, res, ref: np.ndarray, keep:
 def _nanmean(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(np.mean(xs)) if xs else float("nan")
+
+
+def _panel(scan, res, ref: np.ndarray, base_mask: np.ndarray | None) -> tuple[int, dict]:
+    """The slice figure's panel for one organ: on the model grid the segmentation ran on (axis-aligned,
+    radiological convention), the slice where the reference is largest."""
+    from .overview import slice_panel
+    from .volume import array_to_image, label_to_model_grid
+
+    def on_grid(mask: np.ndarray) -> np.ndarray:
+        return label_to_model_grid(array_to_image(mask.astype(np.uint8), scan.image), res.grid)
+
+    masks = {"reference": on_grid(ref), "ranked_first": res.grid_masks[0], "consensus": on_grid(res.consensus)}
+    if base_mask is not None:
+        masks["baseline"] = on_grid(base_mask)
+    sx, sy = res.grid.GetSpacing()[:2]
+    k, panel = slice_panel(res.grid_image, masks, sy / sx)
+    return res.grid.TransformIndexToPhysicalPoint((0, 0, k))[2], panel  # the slice's world z (mm)
 
 
 def _summarise(rows, regions, engine, dataset, n, steps, seconds, command, description: str = "") -> dict:
@@ -311,6 +340,12 @@ def _markdown(rep: dict) -> str:
             if "edit" in o:
                 e = o["edit"]
                 lines.append(f"| {name} | {e['dice_before']:.3f} | {e['dice_after']:.3f} | {'yes' if e['kept_voxels_unchanged'] else 'NO'} |")
+    if rep["organs"]:
+        lines += ["", "![Dice per organ and method](report.png)", "",
+                  "Each organ's slice where the ranked-first proposal is most wrong (voxels missed plus taken in)"
+                  + (", in its lowest-scoring case" if len(rep["evaluated_on"]) > 1 else "")
+                  + ", on the model's grid: the reference and the ranked-first, consensus and baseline outlines.", "",
+                  "![Each organ's slice where the ranked-first proposal is most wrong](report-slices.png)"]
     lines += ["", f"Command: `{rep['command']}`" if rep["command"] else "", ""]
     return "\n".join(lines)
 

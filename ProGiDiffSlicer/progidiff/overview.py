@@ -63,3 +63,48 @@ def render_overview(image: np.ndarray, masks: np.ndarray, spacing: tuple[float, 
     fig.suptitle(title, fontsize=10, x=0.02, ha="left")
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+#: How evaluate's slice figure draws each mask: (label, colour, line style).
+SLICE_STYLES = {"reference": ("reference", "white", "solid"), "ranked_first": ("ranked-first", "#00d0ff", "solid"),
+                "consensus": ("consensus", "#ff9f1c", "dashed"), "baseline": ("baseline UNet", "#ff4fd8", "dotted")}
+
+
+def slice_panel(image: np.ndarray, masks: dict[str, np.ndarray], aspect: float) -> tuple[int, dict]:
+    """The axial slice of the model grid where ``masks["ranked_first"]`` and ``masks["reference"]``
+    differ in the most voxels (missed plus taken in; the reference's largest slice where they agree
+    everywhere), and what to draw there: image (Z, H, W) in [0, 1], masks (Z, H, W) bool on that grid."""
+    ref, first = masks["reference"], masks["ranked_first"]
+    wrong = (ref ^ first).reshape(ref.shape[0], -1).sum(1)
+    z = int(np.argmax(wrong)) if wrong.any() else int(np.argmax(ref.reshape(ref.shape[0], -1).sum(1)))
+    return z, {"image": image[z].copy(), "aspect": aspect, **{k: m[z].copy() for k, m in masks.items()}}
+
+
+def render_slices(panels: list[tuple[str, dict]], path: Path, title: str) -> None:
+    """One panel per (caption, slice_panel) in radiological convention: the reference and each method's
+    outline, so that where a Dice comes from (a missed lobe, a neighbour taken in) is seen at once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(5, max(1, len(panels)))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.4 * rows + 0.6), squeeze=False, layout="constrained")
+    drawn = set()
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (caption, p) in zip(axes.ravel(), panels):
+        ax.imshow(p["image"], cmap="gray", vmin=0, vmax=1, aspect=p["aspect"], interpolation="bilinear")
+        for key, (_, colour, style) in SLICE_STYLES.items():
+            if key in p and p[key].any():
+                ax.contour(p[key].astype(float), levels=[0.5], colors=[colour], linestyles=style,
+                           linewidths=1.6 if key == "reference" else 1.1)
+                drawn.add(key)
+        ax.text(2, 4, "R", color="w", fontsize=8, va="top")
+        ax.set_title(caption, fontsize=8)
+    handles = [plt.Line2D([], [], color=c, ls=s, lw=1.5, label=lab) for k, (lab, c, s) in SLICE_STYLES.items() if k in drawn]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, facecolor="0.3", labelcolor="w")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
