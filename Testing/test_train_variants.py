@@ -328,3 +328,24 @@ def test_a_partly_labelled_cohort_draws_each_organ_as_often():
     assert abs((organs == 0).mean() - 0.5) < 0.04
     assert abs(from_a[organs == 0].mean() - 0.5) < 0.06
     assert not from_a[organs == 1].any()
+
+
+def test_the_slice_figure_looks_only_inside_the_scored_region():
+    """On a held-out slab, a proposal 'wrong' outside it (where there is no reference) must not be shown."""
+    from types import SimpleNamespace
+
+    from progidiff.evaluate import _panel
+
+    grid = sitk.Image(20, 20, 6, sitk.sitkFloat32)
+    grid.SetSpacing((6.0, 6.0, 5.0))
+    keep = np.zeros((6, 20, 20), bool)
+    keep[1:3] = True                                   # the slab: slices 1-2
+    ref = np.zeros((6, 20, 20), bool)
+    ref[1:3, 5:15, 5:15] = True
+    first = ref.copy()
+    first[2, 5:15, 15:18] = True                       # in the slab: 30 voxels taken in on slice 2
+    first[4:6, 0:20, 0:20] = True                      # outside it: whole slices, no reference there
+    res = SimpleNamespace(grid=grid, masks=first[None], consensus=first, grid_image=np.zeros((6, 20, 20), np.float32))
+    z, panel = _panel(SimpleNamespace(image=grid), res, ref, keep, None)
+    assert z == 10.0                                   # slice 2 (5 mm apart): the slab's worst
+    assert panel["ranked_first"].sum() == 130

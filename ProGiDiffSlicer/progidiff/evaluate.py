@@ -191,7 +191,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         b = dice_hd95(base_mask & keep, ref, sp)
                         metrics["baseline"] = {"dice": b[0], "hd95": b[1]}
                     if organ_name not in worst or per[0][0] < worst[organ_name][0]:
-                        worst[organ_name] = (per[0][0], cons[0], entry.name, _panel(scan, res, ref, base_mask))
+                        worst[organ_name] = (per[0][0], cons[0], entry.name, _panel(scan, res, ref, keep, base_mask))
                     if simulate_edits:
                         metrics["edit"] = simulate_edit(engine, scan, organ.display, res, ref, keep, sp, proposals, steps, seed,
                                                         modality)
@@ -246,18 +246,19 @@ def _nanmean(xs):
     return float(np.mean(xs)) if xs else float("nan")
 
 
-def _panel(scan, res, ref: np.ndarray, base_mask: np.ndarray | None) -> tuple[int, dict]:
-    """The slice figure's panel for one organ: on the model grid the segmentation ran on (axis-aligned,
-    radiological convention), the slice where the reference is largest."""
+def _panel(scan, res, ref: np.ndarray, keep: np.ndarray, base_mask: np.ndarray | None) -> tuple[float, dict]:
+    """The slice figure's panel for one organ, on the model grid the segmentation ran on (axis-aligned,
+    radiological convention), within the scored region ``keep`` (a held-out slab: elsewhere there is no
+    reference to be wrong against), and the world z of its slice."""
     from .overview import slice_panel
     from .volume import array_to_image, label_to_model_grid
 
     def on_grid(mask: np.ndarray) -> np.ndarray:
         return label_to_model_grid(array_to_image(mask.astype(np.uint8), scan.image), res.grid)
 
-    masks = {"reference": on_grid(ref), "ranked_first": res.grid_masks[0], "consensus": on_grid(res.consensus)}
+    masks = {"reference": on_grid(ref), "ranked_first": on_grid(res.masks[0] & keep), "consensus": on_grid(res.consensus & keep)}
     if base_mask is not None:
-        masks["baseline"] = on_grid(base_mask)
+        masks["baseline"] = on_grid(base_mask & keep)
     sx, sy = res.grid.GetSpacing()[:2]
     k, panel = slice_panel(res.grid_image, masks, sy / sx)
     return res.grid.TransformIndexToPhysicalPoint((0, 0, k))[2], panel  # the slice's world z (mm)
