@@ -103,6 +103,19 @@ def test_resume_refuses_another_number_of_processes(tmp_path):
     assert checkpoints.start(cfg, tmp_path, processes=2, main=True).step == 5
 
 
+def test_a_checkpoint_from_before_an_option_existed_resumes_if_the_run_uses_its_default(tmp_path):
+    """A checkpoint written before --holdout-cases existed has no such key: the run had its default."""
+    cfg = TrainConfig(dataset="d", output=str(tmp_path), resume=True)
+    (tmp_path / "checkpoints").mkdir()
+    older = {k: v for k, v in checkpoints.run_options(cfg).items() if k not in ("holdout_cases", "holdout_case_names")}
+    state = {"stage": 2, "step": 5, "seconds": 1.0, "processes": 1, "options": older}
+    (tmp_path / "checkpoints" / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    assert checkpoints.start(cfg, tmp_path, processes=1, main=True).step == 5
+    cfg.holdout_cases = 2  # asking for another split than the run had: refused
+    with pytest.raises(InputError, match="holdout_cases"):
+        checkpoints.start(cfg, tmp_path, processes=1, main=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

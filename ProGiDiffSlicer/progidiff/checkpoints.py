@@ -77,7 +77,10 @@ def start(cfg, out: Path, processes: int, main: bool) -> RunState:
         log.info("no checkpoint in %s: starting from the first step", ckpt)
         return RunState()
     saved = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
-    changed = sorted(k for k, v in run_options(cfg).items() if saved.get("options", {}).get(k) != v)
+    # An option newer than the checkpoint is missing from it: the run had its default then.
+    defaults = run_options(type(cfg)(dataset=cfg.dataset, output=cfg.output))
+    stored = saved.get("options", {})
+    changed = sorted(k for k, v in run_options(cfg).items() if stored.get(k, defaults.get(k)) != v)
     if changed:
         raise InputError(f"--resume: the checkpoint in {ckpt} was written with other {', '.join(changed)}; "
                          "resume with the options it was started with.")
