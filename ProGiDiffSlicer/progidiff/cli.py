@@ -377,13 +377,17 @@ def _run_bench(a: argparse.Namespace, argv: Sequence[str]) -> int:
 
 EPILOG_EVALUATE = """example:
   progidiff evaluate Resources/Models/progidiff-ct-abdomen ../shared/data/ct-abdomen --proposals 8 -o eval/
+  progidiff evaluate my_model MY_COHORT -o eval/   # trained with --holdout-cases: scores the held-out cases only
+writes report.md, report.json, report.png (Dice per organ and method) and report-slices.png (each organ's
+slice where the ranked-first proposal is most wrong, with every method's outline)
 """
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Dice/HD95 per organ: ranked-first, consensus, best-of-N, RandTop-3, GED",
-                       description="Evaluate a model on a labelled nnU-Net-style dataset; on the held-out slab "
-                                   "recorded in the model card for the cases it was trained on.",
+                       description="Evaluate a model on a labelled nnU-Net-style dataset: on the held-out slab "
+                                   "recorded in the model card for the cases it was trained on, and on the whole "
+                                   "cases it held out or never saw.",
                        epilog=EPILOG_EVALUATE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model folder")
     p.add_argument("dataset", help="folder with imagesTr/, labelsTr/, dataset.json")
