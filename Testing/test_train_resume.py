@@ -160,3 +160,23 @@ def test_accelerate_launch_trains_on_two_processes_and_resumes_a_stopped_run(tmp
     b = load_file(str(tmp_path / "stopped" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "each process resumed its own noise and slices"
     assert _log(tmp_path / "stopped") == _log(unbroken)
+
+
+def test_precision_is_accelerates_unless_the_command_names_one(monkeypatch, tmp_path):
+    """`accelerate launch --mixed_precision bf16 progidiff train ...` trains in bf16 (it sets this
+    variable); an explicit --mixed-precision wins; the card and checkpoints get what ran."""
+    from accelerate.state import AcceleratorState
+
+    from progidiff.train import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    try:
+        AcceleratorState._reset_state(True)
+        cfg = TrainConfig(dataset=str(tmp_path), output=str(tmp_path / "m"))
+        assert make_accelerator(cfg).mixed_precision == "bf16"
+        assert checkpoints.run_options(cfg)["mixed_precision"] == "bf16"
+        AcceleratorState._reset_state(True)
+        cfg = TrainConfig(dataset=str(tmp_path), output=str(tmp_path / "m"), mixed_precision="no")
+        assert make_accelerator(cfg).mixed_precision == "no" and cfg.mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state(True)

@@ -76,7 +76,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-base", action="store_true",
                    help="stage 2 also trains the base UNet (ProGiDiff freezes it; faster convergence on small budgets)")
     p.add_argument("--base-lr-scale", type=float, default=d.base_lr_scale, help="base UNet lr = lr x this (with --finetune-base)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="default: accelerate's (`accelerate launch --mixed_precision bf16`, `accelerate config`), "
+                        "else no; bf16 on a GPU")
     p.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
                    help=f"steps between checkpoints in OUTPUT/checkpoints (default {d.checkpoint_every}; one is also "
                         "written at the end of each stage)")

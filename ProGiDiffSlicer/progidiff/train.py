@@ -60,7 +60,9 @@ class TrainConfig:
     #: ... or these, by name (``--holdout-like``: the same split as another model, e.g. its baseline)
     holdout_case_names: tuple[str, ...] | None = None
     modality: str | None = None
-    mixed_precision: str = "no"
+    #: "no", "fp16", "bf16", or None: accelerate's choice (``accelerate launch --mixed_precision``,
+    #: ``accelerate config``), else "no". ``make_accelerator`` replaces None by what the run uses.
+    mixed_precision: str | None = None
     checkpoint_every: int = 500
     #: t = T * u**high_noise_power: with 0.5, 75 % of samples have t > T/2. At low noise x0 is
     #: nearly given by x_t, so uniform t spends half the batch on what teaches nothing about the image.
@@ -231,10 +233,15 @@ def make_accelerator(cfg: TrainConfig):
     """The run's ``accelerate.Accelerator``. Our learning-rate schedules count each process's own
     steps, so the scheduler steps once per optimizer step: accelerate's default steps it once per
     process, which under ``accelerate launch --num_processes 2`` ran the cosine twice as fast and
-    then back up (measured on a 4-step stage: lr 1.5e-4, 0, 1.5e-4, 3e-4 instead of falling to 0)."""
+    then back up (measured on a 4-step stage: lr 1.5e-4, 0, 1.5e-4, 3e-4 instead of falling to 0).
+    Without --mixed-precision the precision is accelerate's: an explicit "no" here silently
+    overrode ``accelerate launch --mixed_precision bf16``. The precision the run uses goes back
+    into ``cfg``, so that the card and the checkpoints (whose --resume compares it) record it."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False)
+    cfg.mixed_precision = str(accelerator.mixed_precision)
+    return accelerator
 
 
 def train(cfg: TrainConfig, progress: bool = True,
