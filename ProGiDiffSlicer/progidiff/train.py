@@ -185,10 +185,12 @@ def build_model(cfg: TrainConfig, text_hidden: int) -> ProGiDiffModel:
 
 def _collate_text(batch: dict, table: tuple[torch.Tensor, torch.Tensor], counts: torch.Tensor,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    organ = batch["organ"]
+    # On the CPU, beside the table and the generator: accelerate's loader hands the batch over on
+    # the GPU, where indexing the CPU table failed on the first step (seen on an H100).
+    organ, phrase = batch["organ"].cpu(), batch["phrase"].cpu()
     # Half the time the display name, else a random synonym: the encoder's states for
     # "hepatic" and "Liver" both have to steer the model.
-    pick = batch["phrase"] % counts[organ]
+    pick = phrase % counts[organ]
     use_display = torch.rand(len(organ), generator=generator) < 0.5
     pick = torch.where(use_display, torch.zeros_like(pick), pick)
     return table[0][organ, pick], table[1][organ, pick]
