@@ -125,7 +125,8 @@ def _free_port() -> int:
 def _launch(script: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """``accelerate launch`` on two processes. Without GPUs accelerate runs them as MULTI_CPU
     (gloo) when ACCELERATE_USE_CPU is set: the same DDP code path as several GPUs."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    # GPUs hidden: two processes on the one GPU of a lent machine is not this test's path.
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port())] + script
