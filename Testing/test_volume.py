@@ -223,3 +223,42 @@ def test_scans_as_coarse_as_the_training_ones_are_not_blurred(ct_path):
         assert (antialias(phantom, model_grid(phantom, GRID, "CT")) is not phantom) == blurred, spacing
     plain = sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
     np.testing.assert_array_equal(to_model_grid(img, ref, "CT"), np.clip((plain + 200) / 500, 0, 1).astype(np.float32))
+
+
+def _oblique_target() -> sitk.Image:
+    """A scan grid finer than the model's, rotated 20 degrees about z and stored with flipped axes."""
+    import math
+
+    t = sitk.Image(70, 60, 30, sitk.sitkInt16)
+    t.SetSpacing((1.1, 0.9, 2.5))
+    c, s = math.cos(math.radians(20)), math.sin(math.radians(20))
+    t.SetDirection((-c, s, 0, s, c, 0, 0, 0, -1))
+    t.SetOrigin((30.0, -60.0, 40.0))
+    return t
+
+
+@pytest.mark.parametrize("where", ["inside", "on the grid's edge", "outside the scan", "nowhere"])
+def test_resampling_only_the_organ_box_gives_the_whole_grid_voxels(where):
+    """The box the engine resamples holds every voxel that resampling the whole scan grid gives,
+    on an oblique, flipped grid; outside it nothing."""
+    from progidiff.volume import masks_from_model_grid
+
+    ref = sitk.Image(24, 20, 14, sitk.sitkFloat32)
+    ref.SetSpacing((3.0, 3.0, 4.0))
+    ref.SetOrigin((-40.0, -60.0, -20.0))
+    rng = np.random.default_rng(0)
+    probs = np.zeros((3, 14, 20, 24), np.float32)
+    region = {"inside": np.s_[:, 5:9, 8:13, 9:15], "on the grid's edge": np.s_[:, 0:4, 0:6, 18:24],
+              "outside the scan": np.s_[:, 0:3, 0:3, 0:3], "nowhere": np.s_[:, 0:0]}[where]
+    probs[region] = rng.uniform(0, 1, probs[region].shape)
+    target = _oblique_target()
+    block, box = masks_from_model_grid(probs, ref, target)
+    for n in range(3):
+        whole = from_model_grid(probs[n], ref, target)
+        inside = np.zeros_like(whole)
+        inside[box] = block[n]
+        np.testing.assert_array_equal(inside, whole)
+    if where == "inside":
+        assert block.any() and 0 < block[0].size < 0.5 * np.prod(target.GetSize())
+    if where in ("outside the scan", "nowhere"):
+        assert block.size == 0

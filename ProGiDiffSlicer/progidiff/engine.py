@@ -20,10 +20,11 @@ import torch
 from .errors import InputError, ModelError, PromptError
 from .model import DEFAULT_TEXT_ENCODER, ProGiDiffModel
 from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
-from .proposals import ProposalSet, engine_consensus, kji_to_world, largest_diameter_mm, rank, uncertainty, volumes_ml
+from .proposals import (ProposalSet, bounding_box, engine_consensus, kji_to_world, largest_diameter_mm, rank, uncertainty,
+                        volumes_ml)
 from .sampling import SCHEDULERS, sample_proposals
-from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, from_model_grid, guess_modality,
-                     on_model_grid)
+from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, guess_modality,
+                     masks_from_model_grid, on_model_grid, organ_box)
 
 log = logging.getLogger(__name__)
 
@@ -305,25 +306,47 @@ class Engine:
         grid_masks = probs > 0.5
         if opts.keep_largest:
             probs, grid_masks = _keep_largest(probs, grid_masks)
-        masks = np.stack([from_model_grid(pr, ref, scan.image) for pr in probs])
+        # Everything below works inside the box that can hold an organ voxel, then embeds it in the
+        # scan's grid: on a 512x512x200 scan, whole-grid work was 8 of the 18 s on 2 CPU cores.
+        box = organ_box(probs, ref, scan.image)
         if force is not None:
             keep, edited = force
-            masks[:, keep] = edited[keep]  # the expert's kept voxels, exactly
-        ranking = rank(masks)
+            box = _union_box(box, bounding_box(keep & edited), keep.shape)
+        block, box = masks_from_model_grid(probs, ref, scan.image, box)
+        if force is not None:
+            block[:, keep[box]] = edited[box][keep[box]]  # the expert's kept voxels, exactly
+        ranking = rank(block)
         order = ranking.order
-        masks = masks[order]
+        block = block[order]
+        fused, rule = engine_consensus(block, ranking.agreement)
         to_world = kji_to_world(scan.image)
-        fused, rule = engine_consensus(masks, ranking.agreement)
+        to_world[:3, 3] += to_world[:3, :3] @ np.array([s.start for s in box], float)
+        masks = _embed(block, box, scan.image)
         timings["postprocess"] = time.time() - t2
         return SegmentResult(
             organ=p["res"].organ, prompt=prompt, similarity=p["res"].similarity, modality=p["modality"],
             modality_reason=p["reason"], image=scan.image, masks=masks, seeds=[seeds[i] for i in order],
             ranking=ranking, scores=[ranking.scores[i] for i in order],
-            volumes_ml=volumes_ml(masks, scan.voxel_volume_ml), consensus=fused,
-            uncertainty=uncertainty(masks), grid=ref, grid_image=vol, grid_masks=grid_masks[order],
-            steps=opts.steps, scheduler=opts.scheduler, device=str(self.device), seconds=time.time() - t0,
-            diameters_mm=[largest_diameter_mm(m, to_world) for m in masks], adapter=p["adapter"], timings=timings,
-            consensus_rule=rule)
+            volumes_ml=volumes_ml(block, scan.voxel_volume_ml), consensus=_embed(fused, box, scan.image),
+            uncertainty=_embed(uncertainty(block), box, scan.image), grid=ref, grid_image=vol,
+            grid_masks=grid_masks[order], steps=opts.steps, scheduler=opts.scheduler, device=str(self.device),
+            seconds=time.time() - t0, diameters_mm=[largest_diameter_mm(m, to_world) for m in block],
+            adapter=p["adapter"], timings=timings, consensus_rule=rule)
+
+
+def _embed(block: np.ndarray, box: tuple[slice, ...], image: sitk.Image) -> np.ndarray:
+    """``block`` (..., K, J, I) placed at ``box`` in zeros of the image's array shape."""
+    out = np.zeros(block.shape[:-3] + tuple(image.GetSize()[::-1]), block.dtype)
+    out[(Ellipsis,) + box] = block
+    return out
+
+
+def _union_box(a: tuple[slice, ...], b: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The smallest box holding both (an empty box holds nothing)."""
+    boxes = [x for x in (a, b) if all(s.stop > s.start for s in x)]
+    if not boxes:
+        return tuple(slice(0, 0) for _ in shape)
+    return tuple(slice(min(x[d].start for x in boxes), max(x[d].stop for x in boxes)) for d in range(len(shape)))
 
 
 def _keep_largest(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

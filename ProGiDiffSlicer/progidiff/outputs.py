@@ -87,15 +87,23 @@ def write_seg_nrrd(masks: np.ndarray, like: sitk.Image, path: Path, names: list[
     (proposals overlap), as Slicer's vtkMRMLSegmentationStorageNode writes it."""
     import nrrd
 
+    from .proposals import bounding_box
+
     n = masks.shape[0]
-    data = np.ascontiguousarray(masks.astype(np.uint8).transpose(0, 3, 2, 1))  # (N, X, Y, Z)
+    # The file runs proposal fastest, then x, y, z: NRRD's (N, X, Y, Z) in Fortran order, which is
+    # (Z, Y, X, N) in C order. Interleaving only the box that holds a voxel and writing that C
+    # array once took a 512x512x200 liver's file from 9.8 s to 1.6 s on 2 CPU cores (two full
+    # transposes before: ours to (N, X, Y, Z), then pynrrd's back to Fortran order).
+    box = bounding_box(masks.any(0))
+    data = np.zeros(masks.shape[1:] + (n,), np.uint8)
+    data[box] = masks[(slice(None),) + box].transpose(1, 2, 3, 0)
     d = np.array(like.GetDirection()).reshape(3, 3)
     sp = np.array(like.GetSpacing())
     dirs = np.vstack([np.full(3, np.nan), (d * sp[None, :]).T])
     size = like.GetSize()
     header = {
         "type": "unsigned char", "dimension": 4, "space": "left-posterior-superior",
-        "sizes": list(data.shape), "space directions": dirs, "kinds": ["list", "domain", "domain", "domain"],
+        "space directions": dirs, "kinds": ["list", "domain", "domain", "domain"],
         "space origin": np.array(like.GetOrigin()), "encoding": "gzip",
         "Segmentation_MasterRepresentation": "Binary labelmap",
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
@@ -110,7 +118,8 @@ def write_seg_nrrd(masks: np.ndarray, like: sitk.Image, path: Path, names: list[
             f"Segment{i}_Layer": str(i), f"Segment{i}_LabelValue": "1", f"Segment{i}_Extent": extent,
             f"Segment{i}_Tags": f"TerminologyEntry:{terminology}|",
         })
-    nrrd.write(str(path), data, header, index_order="F")
+    # gzip level 1: 0.36 s and 2.4 MB for that liver, against pynrrd's default 9: 1.5 s and 0.63 MB.
+    nrrd.write(str(path), data, header, index_order="C", compression_level=1)
 
 
 def write_report(report: dict, path: Path) -> None:

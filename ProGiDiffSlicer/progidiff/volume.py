@@ -385,6 +385,56 @@ def from_model_grid(prob: np.ndarray, ref: sitk.Image, target: sitk.Image) -> np
     return sitk.GetArrayViewFromImage(res) > 0.5
 
 
+def target_box(support: tuple[slice, ...], ref: sitk.Image, target: sitk.Image) -> tuple[slice, ...]:
+    """The target's array slices (k, j, i) outside which linear resampling from ``ref`` sees only
+    zeros, given the model-grid array slices ``support`` that hold every non-zero value: the box one
+    voxel wider (the interpolation's reach), mapped corner by corner (any direction matrix) and
+    rounded outwards."""
+    lo = [s.start - 1 for s in support][::-1]  # sitk index order (i, j, k)
+    hi = [s.stop for s in support][::-1]        # last voxel + 1
+    corners = [target.TransformPhysicalPointToContinuousIndex(ref.TransformContinuousIndexToPhysicalPoint(
+        [float((lo, hi)[(c >> a) & 1][a]) for a in range(3)])) for c in range(8)]
+    c = np.array(corners)
+    size = np.array(target.GetSize())
+    start = np.clip(np.floor(c.min(0)).astype(int), 0, size)
+    stop = np.clip(np.ceil(c.max(0)).astype(int) + 1, 0, size)
+    return tuple(slice(int(a), int(max(a, b))) for a, b in zip(start[::-1], stop[::-1]))
+
+
+def organ_box(probs: np.ndarray, ref: sitk.Image, target: sitk.Image) -> tuple[slice, ...]:
+    """The target's array slices outside which every probability (N, Z, H, W) on the model grid
+    resamples to 0 (empty slices when there is nothing, or nothing inside the target)."""
+    from .proposals import bounding_box
+
+    support = bounding_box((probs > 0).any(0))
+    if any(s.stop == s.start for s in support):
+        return tuple(slice(0, 0) for _ in range(3))
+    box = target_box(support, ref, target)
+    return tuple(slice(0, 0) for _ in range(3)) if any(s.stop == s.start for s in box) else box
+
+
+def masks_from_model_grid(probs: np.ndarray, ref: sitk.Image, target: sitk.Image,
+                          box: tuple[slice, ...] | None = None) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Probabilities (N, Z, H, W) on the model grid → (binary masks (N, K, J, I) inside ``box``,
+    ``box``): by default the target's array slices that can hold a voxel of any mask (``organ_box``),
+    or a box given that holds those. Outside it every mask is empty. The same voxels as ``from_model_grid`` on the whole target, resampled only where an organ
+    can be: on a 512×512×200 scan that whole-grid resampling took 3.4 s of the 18 s of a liver
+    (8 proposals, 2 CPU cores), and with its outputs nearly all of a GPU's 26 s."""
+    box = organ_box(probs, ref, target) if box is None else box
+    if any(s.stop == s.start for s in box):
+        return np.zeros((len(probs), 0, 0, 0), bool), box
+    size = [s.stop - s.start for s in box][::-1]
+    origin = target.TransformIndexToPhysicalPoint([s.start for s in box][::-1])
+    out = np.zeros((len(probs),) + tuple(size[::-1]), bool)
+    for n, prob in enumerate(probs):
+        src = sitk.GetImageFromArray(prob.astype(np.float32))
+        src.CopyInformation(ref)
+        res = sitk.Resample(src, size, sitk.Transform(), sitk.sitkLinear, origin, target.GetSpacing(),
+                            target.GetDirection(), 0.0, sitk.sitkFloat32)
+        out[n] = sitk.GetArrayViewFromImage(res) > 0.5
+    return out, box
+
+
 def context_slices(volume: np.ndarray, context: int) -> np.ndarray:
     """(Z, 2*context+1, H, W): each slice with its neighbours as channels (edges repeated)."""
     z = volume.shape[0]
