@@ -255,7 +255,8 @@ def write_markdown(rep: dict, path: Path) -> None:
     lines = [f"# Benchmarks — {rep['machine']}", "",
              f"Model `{rep['model']}`, input `{rep['input']}` ({'×'.join(map(str, rep['input_size']))} voxels), "
              f"prompt `{rep['prompt']}`. Measured by `progidiff bench --device {'cuda' if 'cuda' in rep['machine'].lower() or 'nvidia' in rep['machine'].lower() else 'cpu'}"
-             f" --quality ../shared/data/ct-abdomen`.", "",
+             f" --quality ../shared/data/ct-abdomen"
+             + ("" if path.as_posix().endswith("docs/benchmarks.md") else f" --out docs/{path.name}") + "`.", "",
              "## Denoiser alone", "",
              "| precision | slice-evaluations/s | GFLOP per evaluation | measured matmul rate (fp32 CPU / bf16 GPU) | fraction of it |",
              "|---|---|---|---|---|",
@@ -291,7 +292,7 @@ def write_markdown(rep: dict, path: Path) -> None:
                   "| steps | Dice | seconds |", "|---|---|---|"]
         lines += [f"| {q['steps']} | {q['dice_ranked_first']:.3f} | {q['seconds']:.1f} |" for q in rep["quality_vs_steps"]]
     lines += ["", f"Peak RSS of the whole benchmark process: {rep['peak_rss_mb']:.0f} MB.", "",
-              "![time against N, input size and steps](benchmarks.png)", ""]
+              f"![time against N, input size and steps]({path.with_suffix('.png').name})", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
     ncol = 1 + bool(rep.get("quality_vs_steps")) + bool(rep.get("volume_size"))
     fig, axes = plt.subplots(1, ncol, figsize=(4.5 * ncol, 3.4), squeeze=False)
