@@ -117,3 +117,13 @@ def test_notice_says_when_the_consensus_is_the_ranked_first_proposal(result):
     assert (notice(0.7, "vote-corrected").startswith("⚠ The proposals disagree strongly")
             and "vote" not in notice(0.7, "vote-corrected"))
     assert notice(0.4, "ranked-first").endswith("the consensus is the ranked-first proposal.")
+
+
+def test_notice_says_when_the_scan_shows_an_organ_end_the_model_never_saw(result):
+    from dataclasses import replace
+
+    s = ProposalSession(FakeScene(), replace(result, unseen_ends=["superior"]), "volume")
+    last = s.notice().splitlines()[-1]
+    assert last.startswith("⚠ The model never saw the superior end of the liver in training")
+    assert last.endswith("check the proposals' top slices.")
+    assert "never saw" not in ProposalSession(FakeScene(), replace(result, unseen_ends=[]), "volume").notice()

@@ -75,3 +75,47 @@ def test_train_records_the_crop_s_cut_liver_and_the_script_records_the_same(tmp_
     assert again == card
     assert "the superior end of liver" in (model / "README.md").read_text(encoding="utf-8")
     assert mod.main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_an_end_is_shown_where_the_organ_stops_inside_the_scan():
+    from progidiff.engine import ends_shown
+
+    vol = np.zeros((12, 6, 6), np.float32)
+    vol[1:11, 1:5, 1:5] = 0.5                  # body in slices 1..10 (the model grid runs inferior -> superior)
+    organ = np.zeros((12, 6, 6), bool)
+    organ[3:11, 2:4, 2:4] = True               # from slice 3 to the scan's last body slice
+    assert ends_shown(organ, vol, ["superior", "inferior"]) == ["inferior"]
+    organ[10] = False                          # now it ends below the top: the scan shows its superior end
+    assert ends_shown(organ, vol, ["superior"]) == ["superior"]
+    assert ends_shown(organ, vol, []) == []
+    assert ends_shown(np.zeros_like(organ), vol, ["superior"]) == []
+
+
+def test_segment_warns_only_where_the_scan_shows_an_end_the_card_says_was_never_seen(tmp_path, capsys, caplog):
+    """The real model on the sample CT (the training person, femoral heads to T11-T12): the liver runs to
+    the scan's top and stops well above its bottom. A card that says the superior end was never seen
+    gives no warning there; one that says the inferior end was never seen does (report, CLI, overview)."""
+    import logging
+
+    from progidiff import cli
+    from progidiff.engine import Engine
+
+    shipped = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "progidiff-ct-abdomen"
+    model = tmp_path / "model"
+    shutil.copytree(shipped, model)
+    sample = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "sample-ct-abdomen.nii.gz"
+    for ends, warned in ((["superior"], False), (["inferior"], True)):
+        card = json.loads((model / "model_card.json").read_text(encoding="utf-8"))
+        card["training"]["unseen_organ_ends"] = {"liver": ends}
+        (model / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
+        assert Engine(model, device="cpu").card["training"]["unseen_organ_ends"] == {"liver": ends}
+        out = tmp_path / f"out-{ends[0]}"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="progidiff"):
+            assert cli.main(["segment", str(sample), "--prompt", "liver", "-n", "2", "--steps", "2", "--model", str(model),
+                             "--device", "cpu", "-o", str(out)]) == 0
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        assert report["unseen_organ_ends"] == (ends if warned else [])
+        said = [r.getMessage() for r in caplog.records if "never saw" in r.getMessage()]
+        assert said == (["The model never saw the inferior end of the liver in training (its training scans cut it "
+                         "off there), and this scan shows it: check the proposals' bottom slices."] if warned else [])

@@ -60,6 +60,10 @@ class ProposalSession:
             lines.append("⚠ The proposals disagree strongly: review carefully before accepting.")
         if self.result.consensus_rule == "ranked-first":
             lines.append("Too little agreement for a vote: the consensus is the ranked-first proposal.")
+        if self.result.unseen_ends:
+            from progidiff.card import unseen_end_warning
+
+            lines.append("⚠ " + unseen_end_warning(self.result.organ.display.lower(), self.result.unseen_ends))
         return "\n".join(lines)
 
     def label(self) -> str:

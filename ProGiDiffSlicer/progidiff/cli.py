@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from .card import unseen_end_warning
 from .errors import ProGiDiffError
 
 #: Kept equal to engine.DEFAULT_STEPS (a test checks); not imported so that --help stays fast (no torch import).
@@ -243,6 +244,8 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
               f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL, largest "
               f"diameter {dia['min']:.0f}/{dia['median']:.0f}/{dia['max']:.0f} mm (min/median/max)"
               f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
+        if report["unseen_organ_ends"]:
+            log.warning(unseen_end_warning(report["organ_display"].lower(), report["unseen_organ_ends"]))
     if failed:
         print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
     return failed

@@ -128,6 +128,9 @@ class SegmentResult:
     adapter: str | None = None
     timings: dict = field(default_factory=dict)
     consensus_rule: str = "vote-corrected"  # or "ranked-first": the proposals agree too little to vote
+    #: Ends of the organ ("superior", "inferior") that no training slice showed (the model card's
+    #: training.unseen_organ_ends) and that this scan shows: the ranked-first proposal ends inside it.
+    unseen_ends: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -331,7 +334,22 @@ class Engine:
             uncertainty=_embed(uncertainty(block), box, scan.image), grid=ref, grid_image=vol,
             grid_masks=grid_masks[order], steps=opts.steps, scheduler=opts.scheduler, device=str(self.device),
             seconds=time.time() - t0, diameters_mm=[largest_diameter_mm(m, to_world) for m in block],
-            adapter=p["adapter"], timings=timings, consensus_rule=rule)
+            adapter=p["adapter"], timings=timings, consensus_rule=rule,
+            unseen_ends=ends_shown(grid_masks[order[0]], vol,
+                                   self.card.get("training", {}).get("unseen_organ_ends", {}).get(p["res"].organ.name, [])))
+
+
+def ends_shown(mask: np.ndarray, vol: np.ndarray, ends: list[str]) -> list[str]:
+    """Those of ``ends`` ("inferior", "superior") where the organ ``mask`` (Z, H, W on the model grid,
+    which runs inferior -> superior) stops inside the scan: the scan ``vol`` still holds body beyond
+    its last slice on that side. Where the organ runs to the scan's edge, the scan cuts it off there,
+    as the training scans did, and that end is not shown."""
+    rows = np.nonzero(mask.reshape(mask.shape[0], -1).any(1))[0]
+    body = body_slices(vol)
+    if not len(rows) or not len(body):
+        return []
+    inside = {"inferior": rows[0] > body[0], "superior": rows[-1] < body[-1]}
+    return [e for e in ends if inside.get(e, False)]
 
 
 def _embed(block: np.ndarray, box: tuple[slice, ...], image: sitk.Image) -> np.ndarray:

@@ -45,6 +45,7 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "agreement": round(result.ranking.agreement, 4),
         "review": bool(result.ranking.review),
         "consensus_rule": result.consensus_rule,
+        "unseen_organ_ends": list(result.unseen_ends),
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
         "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),
                  "origin": list(result.image.GetOrigin()), "direction": list(result.image.GetDirection())},
@@ -76,7 +77,8 @@ def write_result(result: SegmentResult, engine: Engine, outdir: Path, overwrite:
                                     result.organ.color, result.organ.slicer_terminology()))
             title = (f"{result.organ.display}: {len(result.masks)} proposals · agreement {result.ranking.agreement:.2f}"
                      f" · {report['volume_ml']['median']:.0f} mL (median)"
-                     + (" · REVIEW CAREFULLY" if result.ranking.review else ""))
+                     + (" · REVIEW CAREFULLY" if result.ranking.review else "")
+                     + "".join(f" · {e} end unseen in training" for e in result.unseen_ends))
             render_overview(result.grid_image, result.grid_masks, result.grid.GetSpacing(), tmp / "overview.png", title)
             for job in jobs:
                 job.result()  # a failed write raises here, and staging leaves no half-written output
