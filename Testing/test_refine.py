@@ -62,3 +62,20 @@ def test_undefined_hd95_is_null_in_json_and_a_dash_in_markdown():
     rep = {"organs": {"pancreas": {"baseline": {"dice": 0.0, "hd95": float("nan")}}}, "steps": [1, float("inf")]}
     assert strict_json(rep) == {"organs": {"pancreas": {"baseline": {"dice": 0.0, "hd95": None}}}, "steps": [1, None]}
     assert format_mm(float("nan")) == format_mm(None) == "–" and format_mm(6.04) == "6.0"
+
+
+def test_kept_voxels_far_from_the_proposals_survive(tiny_engine, ct_crop, monkeypatch):
+    """The engine resamples only inside the box that can hold the organ; an expert's kept voxels
+    outside that box are still written (the box grows to hold them)."""
+    from progidiff import engine as engine_module
+
+    scan = read_scan(ct_crop)
+    shape = sitk.GetArrayViewFromImage(scan.image).shape
+    # the proposals confined to a small box in one corner, the kept voxels in the opposite one
+    monkeypatch.setattr(engine_module, "organ_box", lambda probs, ref, target: (slice(0, 5), slice(0, 5), slice(0, 5)))
+    edited = np.zeros(shape, bool)
+    keep = np.zeros(shape, bool)
+    edited[-3:, -3:, -3:] = keep[-4:, -4:, -4:] = True
+    res = tiny_engine.refine(scan, "liver", edited, keep, SegmentOptions(proposals=2, steps=2), strength=0.5)
+    for m in res.masks:
+        np.testing.assert_array_equal(m[keep], edited[keep])

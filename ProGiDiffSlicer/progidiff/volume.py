@@ -417,12 +417,13 @@ def masks_from_model_grid(probs: np.ndarray, ref: sitk.Image, target: sitk.Image
                           box: tuple[slice, ...] | None = None) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Probabilities (N, Z, H, W) on the model grid → (binary masks (N, K, J, I) inside ``box``,
     ``box``): by default the target's array slices that can hold a voxel of any mask (``organ_box``),
-    or a box given that holds those. Outside it every mask is empty. The same voxels as ``from_model_grid`` on the whole target, resampled only where an organ
-    can be: on a 512×512×200 scan that whole-grid resampling took 3.4 s of the 18 s of a liver
-    (8 proposals, 2 CPU cores), and with its outputs nearly all of a GPU's 26 s."""
+    or a box given that holds those. Outside it every mask is empty. The same voxels as
+    ``from_model_grid`` on the whole target, resampled only where an organ can be: on a 512×512×200
+    scan that whole-grid resampling took 3.4 s of the 18 s of a liver (8 proposals, 2 CPU cores),
+    and with its outputs nearly all of a GPU's 26 s."""
     box = organ_box(probs, ref, target) if box is None else box
-    if any(s.stop == s.start for s in box):
-        return np.zeros((len(probs), 0, 0, 0), bool), box
+    if any(s.stop <= s.start for s in box):
+        return np.zeros((len(probs),) + tuple(max(0, s.stop - s.start) for s in box), bool), box
     size = [s.stop - s.start for s in box][::-1]
     origin = target.TransformIndexToPhysicalPoint([s.start for s in box][::-1])
     out = np.zeros((len(probs),) + tuple(size[::-1]), bool)
