@@ -126,7 +126,7 @@ def largest_diameter_mm(mask: np.ndarray, index_to_world: np.ndarray) -> float:
     farthest pair of voxel centres lies on the convex hull, so only hull vertices are compared;
     and a hull vertex is the first or last voxel of its (k, j) row (any other lies between those
     two), so only those go into the hull. A liver on 512x512x200 has 1.6 M voxels and 34 k row
-    ends: its diameter took 0.31 s from every voxel, 0.04 s from the row ends (2 CPU cores).
+    ends: its diameter took 0.31 s from every voxel, 0.012 s from the row ends (2 CPU cores).
     """
     if mask.size == 0:
         return 0.0
@@ -134,7 +134,8 @@ def largest_diameter_mm(mask: np.ndarray, index_to_world: np.ndarray) -> float:
     k, j = np.nonzero(rows)
     first = mask.argmax(-1)[k, j]
     last = mask.shape[-1] - 1 - mask[..., ::-1].argmax(-1)[k, j]
-    pts = np.unique(np.concatenate([np.stack([k, j, first], 1), np.stack([k, j, last], 1)]), axis=0)
+    two = last != first  # a row of one voxel gives one point (np.unique took 30 ms here, more than the rest)
+    pts = np.concatenate([np.stack([k, j, first], 1), np.stack([k[two], j[two], last[two]], 1)])
     if len(pts) < 2:
         return 0.0
     world = pts @ index_to_world[:3, :3].T + index_to_world[:3, 3]
