@@ -51,7 +51,10 @@ def test_benchmark_report_of_a_gpu_run(tmp_path):
     write_markdown(rep, out)
     md = out.read_text(encoding="utf-8")
     assert "--device cuda" in md and "| 512×512×200 | 4.2 |" in md and "| 2100 |" in md
-    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "--out docs/bench.md" in md and "](bench.png)" in md  # its own plot, and the command that writes it
+    assert out.with_suffix(".png").stat().st_size > 1000 and "first segmentation" not in md
+    write_markdown({**rep, "first_call_seconds": 2.9}, out)
+    assert "The first segmentation after loading the model (1 proposal, written out) took 2.9 s" in out.read_text(encoding="utf-8")
     json.dumps(rep)
 
 
