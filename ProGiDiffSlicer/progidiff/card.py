@@ -26,8 +26,9 @@ def unseen_ends_text(ends: dict[str, list[str]]) -> str:
 def unseen_end_warning(organ: str, ends: list[str]) -> str:
     """What segment says when a scan shows an end of the organ that no training slice showed."""
     where = " and ".join({"superior": "top", "inferior": "bottom"}.get(e, e) for e in ends)
-    return (f"The model never saw the {' and '.join(ends)} end of the {organ} in training (its training scans cut it "
-            f"off there), and this scan shows it: check the proposals' {where} slices.")
+    return (f"The model never saw the {' and '.join(ends)} end{'s' * (len(ends) > 1)} of the {organ} in training "
+            f"(its training scans cut it "
+            f"off there), and this scan shows {'them' if len(ends) > 1 else 'it'}: check the proposals' {where} slices.")
 
 
 def render(card: dict) -> str:
