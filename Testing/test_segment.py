@@ -167,17 +167,24 @@ def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_mod
 
 @pytest.mark.parametrize("kind", ["scattered", "empty"])
 def test_seg_nrrd_holds_every_proposal_on_its_own_layer(tmp_path, kind):
-    """Each proposal comes back from the Slicer file as written, the list axis first (the file is
-    interleaved only over the box that holds a voxel; an empty set writes an empty file)."""
+    """Each proposal comes back from the Slicer file as written, the list axis first, with the scan's
+    geometry (the file is streamed slice by slice and interleaved only over the box that holds a
+    voxel; an empty set writes an empty file)."""
     from progidiff.outputs import write_seg_nrrd
 
     like = sitk.Image(9, 7, 5, sitk.sitkInt16)
     like.SetSpacing((0.7, 0.8, 2.5))
+    like.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))  # stored with permuted, flipped axes
+    like.SetOrigin((-10.5, 3.25, 100.0))
     masks = np.random.default_rng(0).random((4, 5, 7, 9)) > 0.8 if kind == "scattered" else np.zeros((4, 5, 7, 9), bool)
     write_seg_nrrd(masks, like, tmp_path / "p.seg.nrrd", [f"p{i}" for i in range(4)], (10, 20, 30), "t")
     data, header = nrrd.read(str(tmp_path / "p.seg.nrrd"))
     assert data.shape == (4, 9, 7, 5) and list(header["sizes"]) == [4, 9, 7, 5]
-    assert header["kinds"] == ["list", "domain", "domain", "domain"]
+    assert header["kinds"] == ["list", "domain", "domain", "domain"] and header["encoding"] == "gzip"
+    assert np.isnan(header["space directions"][0]).all()
+    np.testing.assert_allclose(header["space directions"][1:], [[0, -0.7, 0], [0.8, 0, 0], [0, 0, 2.5]])
+    np.testing.assert_allclose(header["space origin"], [-10.5, 3.25, 100.0])
+    assert header["Segment3_Extent"] == "0 8 0 6 0 4" and header["Segment3_Name"] == "p3"
     for i in range(4):
         np.testing.assert_array_equal(data[i].transpose(2, 1, 0), masks[i])
         assert header[f"Segment{i}_Layer"] == str(i)
