@@ -79,16 +79,18 @@ def test_train_records_the_crop_s_cut_liver_and_the_script_records_the_same(tmp_
 
 def test_an_end_is_shown_where_the_organ_stops_inside_the_scan():
     from progidiff.engine import ends_shown
+    from progidiff.volume import body_slices
 
     vol = np.zeros((12, 6, 6), np.float32)
     vol[1:11, 1:5, 1:5] = 0.5                  # body in slices 1..10 (the model grid runs inferior -> superior)
+    body = body_slices(vol)
     organ = np.zeros((12, 6, 6), bool)
     organ[3:11, 2:4, 2:4] = True               # from slice 3 to the scan's last body slice
-    assert ends_shown(organ, vol, ["superior", "inferior"]) == ["inferior"]
+    assert ends_shown(organ, body, ["superior", "inferior"]) == ["inferior"]
     organ[10] = False                          # now it ends below the top: the scan shows its superior end
-    assert ends_shown(organ, vol, ["superior"]) == ["superior"]
-    assert ends_shown(organ, vol, []) == []
-    assert ends_shown(np.zeros_like(organ), vol, ["superior"]) == []
+    assert ends_shown(organ, body, ["superior"]) == ["superior"]
+    assert ends_shown(organ, body, []) == []
+    assert ends_shown(np.zeros_like(organ), body, ["superior"]) == []
 
 
 def test_segment_warns_only_where_the_scan_shows_an_end_the_card_says_was_never_seen(tmp_path, capsys, caplog):

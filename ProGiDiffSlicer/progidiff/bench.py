@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import Engine, SegmentOptions
+from .engine import Engine, SegmentOptions, SegmentResult
 from .errors import InputError
 from .sampling import autocast_dtype
 from .volume import body_axis_coords, body_slices, context_slices, read_scan
@@ -107,10 +107,20 @@ def naive_seconds(engine: Engine, scan, prompt: str, proposals: int) -> tuple[fl
     return one * proposals, len(idx)
 
 
-def run_bench(device: str = "auto", model: str | None = None, out_md: Path | None = None, json_path: Path | None = None,
-              quality_dataset: str | None = None, prompt: str = "liver") -> dict:
+def _segment_written(engine: Engine, path: Path, prompt: str, opts: SegmentOptions) -> tuple[SegmentResult, float]:
+    """Read ``path``, segment it and write every output to a temporary folder (removed again):
+    the result and the seconds all of that took."""
     from .segment import write_result
 
+    t0 = time.perf_counter()
+    res = engine.segment(read_scan(path), prompt, opts)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_result(res, engine, Path(tmp) / "out")
+    return res, time.perf_counter() - t0
+
+
+def run_bench(device: str = "auto", model: str | None = None, out_md: Path | None = None, json_path: Path | None = None,
+              quality_dataset: str | None = None, prompt: str = "liver") -> dict:
     engine = Engine(model, device=device)
     dev = engine.device
     scan = read_scan(SAMPLE_CT)
@@ -122,20 +132,12 @@ def run_bench(device: str = "auto", model: str | None = None, out_md: Path | Non
                        "fraction_of_matmul_peak": rate * flops / peak}
     # The first call after loading pays one-off costs (memory pools, kernel choice; on the H100 its N=1
     # took 2.9 s against 1.2 s for N=4 after it): timed apart, so that the rows compare like with like.
-    t0 = time.perf_counter()
-    res = engine.segment(read_scan(SAMPLE_CT), prompt, SegmentOptions(proposals=1))
-    with tempfile.TemporaryDirectory() as tmp:
-        write_result(res, engine, Path(tmp) / "out")
-    rep["first_call_seconds"] = time.perf_counter() - t0
+    rep["first_call_seconds"] = _segment_written(engine, SAMPLE_CT, prompt, SegmentOptions(proposals=1))[1]
     runs = []
     for n in (1, 4, 8, 16):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        res = engine.segment(read_scan(SAMPLE_CT), prompt, SegmentOptions(proposals=n))
-        with tempfile.TemporaryDirectory() as tmp:
-            write_result(res, engine, Path(tmp) / "out")
-        total = time.perf_counter() - t0
+        res, total = _segment_written(engine, SAMPLE_CT, prompt, SegmentOptions(proposals=n))
         denoise = res.timings.get("sampling", 0) + res.timings.get("prepass", 0)
         runs.append({"proposals": n, "seconds": total, "denoiser_seconds": denoise,
                      "other_fraction": 1 - denoise / total, "sampled_slices": res.timings.get("sampled_slices"),

@@ -23,8 +23,8 @@ from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_tex
 from .proposals import (ProposalSet, bounding_box, engine_consensus, kji_to_world, largest_diameter_mm, rank, uncertainty,
                         volumes_ml)
 from .sampling import SCHEDULERS, sample_proposals
-from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, guess_modality,
-                     masks_from_model_grid, on_model_grid, organ_box)
+from .volume import (EMPTY_BOX, GridSpec, Scan, body_axis_coords, body_slices, context_slices, guess_modality,
+                     is_empty, masks_from_model_grid, on_model_grid, organ_box)
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class Engine:
         box = organ_box(probs, ref, scan.image)
         if force is not None:
             keep, edited = force
-            box = _union_box(box, bounding_box(keep & edited), keep.shape)
+            box = _union_box(box, bounding_box(keep & edited))
         block, box = masks_from_model_grid(probs, ref, scan.image, box)
         if force is not None:
             block[:, keep[box]] = edited[box][keep[box]]  # the expert's kept voxels, exactly
@@ -335,17 +335,17 @@ class Engine:
             grid_masks=grid_masks[order], steps=opts.steps, scheduler=opts.scheduler, device=str(self.device),
             seconds=time.time() - t0, diameters_mm=[largest_diameter_mm(m, to_world) for m in block],
             adapter=p["adapter"], timings=timings, consensus_rule=rule,
-            unseen_ends=ends_shown(grid_masks[order[0]], vol,
+            unseen_ends=ends_shown(grid_masks[order[0]], p["idx"],
                                    self.card.get("training", {}).get("unseen_organ_ends", {}).get(p["res"].organ.name, [])))
 
 
-def ends_shown(mask: np.ndarray, vol: np.ndarray, ends: list[str]) -> list[str]:
+def ends_shown(mask: np.ndarray, body: np.ndarray, ends: list[str]) -> list[str]:
     """Those of ``ends`` ("inferior", "superior") where the organ ``mask`` (Z, H, W on the model grid,
-    which runs inferior -> superior) stops inside the scan: the scan ``vol`` still holds body beyond
-    its last slice on that side. Where the organ runs to the scan's edge, the scan cuts it off there,
-    as the training scans did, and that end is not shown."""
+    which runs inferior -> superior) stops inside the scan: the scan still holds body (``body``: the
+    indices of the slices that do, ``volume.body_slices``) beyond its last slice on that side. Where
+    the organ runs to the scan's edge, the scan cuts it off there, as the training scans did, and
+    that end is not shown."""
     rows = np.nonzero(mask.reshape(mask.shape[0], -1).any(1))[0]
-    body = body_slices(vol)
     if not len(rows) or not len(body):
         return []
     inside = {"inferior": rows[0] > body[0], "superior": rows[-1] < body[-1]}
@@ -359,12 +359,12 @@ def _embed(block: np.ndarray, box: tuple[slice, ...], image: sitk.Image) -> np.n
     return out
 
 
-def _union_box(a: tuple[slice, ...], b: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+def _union_box(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
     """The smallest box holding both (an empty box holds nothing)."""
-    boxes = [x for x in (a, b) if all(s.stop > s.start for s in x)]
+    boxes = [x for x in (a, b) if not is_empty(x)]
     if not boxes:
-        return tuple(slice(0, 0) for _ in shape)
-    return tuple(slice(min(x[d].start for x in boxes), max(x[d].stop for x in boxes)) for d in range(len(shape)))
+        return EMPTY_BOX
+    return tuple(slice(min(x[d].start for x in boxes), max(x[d].stop for x in boxes)) for d in range(3))
 
 
 def _keep_largest(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
