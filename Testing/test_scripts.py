@@ -134,6 +134,24 @@ def test_contrast_enhancement_raises_each_labelled_organ_by_its_own_gain_and_not
     assert 0.5 * 55 * 0.5 < np.median(soft[lab_arr == 1]) <= 55 * 0.5 and np.all(soft[:3] == 0)
 
 
+def test_organ_option_changes_only_the_named_structures_and_refuses_unknown_ones(tmp_path, capsys):
+    """--organ liver=-40: a fatty liver; the contrast table is not applied; a misspelt name is a
+    one-line error with nothing written."""
+    ec = _load("enhance_dataset_contrast")
+    img, lab = _image()
+    lab_arr = sitk.GetArrayFromImage(lab)
+    lab_arr[10:20, 5:15, 12:18] = 2
+    two = sitk.GetImageFromArray(lab_arr)
+    two.CopyInformation(img)
+    _write_dataset(tmp_path / "src", "c1", img, two, {"background": 0, "liver": 1, "kidney_left": 2}, "CT")
+    assert ec.main([str(tmp_path / "src"), str(tmp_path / "out"), "--organ", "liver=-40", "--blur-mm", "0"]) == 0
+    a = sitk.GetArrayFromImage(img).astype(int)
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "imagesTr" / "c1_0000.nii.gz"))).astype(int)
+    assert np.all((b - a)[lab_arr == 1] == -40) and np.all(b[lab_arr != 1] == a[lab_arr != 1])
+    assert ec.main([str(tmp_path / "src"), str(tmp_path / "bad"), "--organ", "livr=-40"]) == 2
+    assert "livr" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def _write_dataset(root: Path, case: str, img: sitk.Image, lab: sitk.Image, labels: dict[str, int], channel: str) -> None:
     for sub in ("imagesTr", "labelsTr"):
         (root / sub).mkdir(parents=True)

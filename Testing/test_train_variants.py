@@ -299,11 +299,49 @@ def test_contrast_phase_brightens_enhancing_organs_and_leaves_labels_and_other_d
     assert SliceDataset(cases, organs, 1, length=4, seed=5, contrast_phase=1.0, augment=False).contrast_phase == 0.0
 
 
-def test_contrast_phase_out_of_range_is_one_line_error(tmp_path, tiny_dataset, capsys):
+def test_fatty_liver_darkens_the_liver_alone_and_leaves_labels_and_other_draws_alone(tiny_dataset):
+    """--fatty-liver 1: every CT slice's liver 10 to 60 HU darker, nothing else changed (apart from the
+    in-plane border blur of a voxel or so); the draws, labels and the contrast phase's own stream are the
+    run's without it."""
+    from progidiff.data import FATTY_LIVER_HU, SliceDataset, prepare_case, read_dataset
+    from progidiff.prompts import Vocabulary
+    from progidiff.volume import GridSpec
+
+    info, organs = read_dataset(tiny_dataset), ("liver", "kidney_left", "gallbladder")
+    cases = [prepare_case(e, info.labels, Vocabulary.load(), GridSpec((6.0, 6.0, 5.0), (64, 64)), organs, "CT")
+             for e in info.cases]
+    plain = SliceDataset(cases, organs, 1, length=24, seed=5, augment=True)
+    fatty = SliceDataset(cases, organs, 1, length=24, seed=5, fatty_liver=1.0)
+    phased = SliceDataset(cases, organs, 1, length=24, seed=5, contrast_phase=1.0)
+    both = SliceDataset(cases, organs, 1, length=24, seed=5, contrast_phase=1.0, fatty_liver=1.0)
+    drops, far_changes = [], []
+    for i in range(24):
+        a, b, c, d = plain[i], fatty[i], phased[i], both[i]
+        assert torch.equal(a["label"], b["label"]) and a["organ"] == b["organ"] and a["phrase"] == b["phrase"]
+        if organs[a["organ"]] == "liver" and a["label"].sum() > 20:
+            inside = a["label"][0] > 0
+            drops.append(float((a["image"][1][inside] - b["image"][1][inside]).mean()))
+            # the fatty liver adds to the contrast phase's own draw: darker than the phase alone
+            assert float((c["image"][1][inside] - d["image"][1][inside]).mean()) > 0
+        if organs[a["organ"]] == "kidney_left" and a["label"].sum() > 5:
+            inside = a["label"][0] > 0
+            far_changes.append(float((a["image"][1][inside] - b["image"][1][inside]).abs().max()))
+    lo, hi = FATTY_LIVER_HU
+    # darker on every liver slice, within the drawn range (the CT window is 500 HU wide; the blur
+    # and the window's clipping take a little off, never more than the range's top)
+    assert drops and min(drops) > 0.5 * lo / 500 and max(drops) <= hi / 500 + 1e-6
+    # the kidney sits far from the liver in the tiny scan: at most the blur's far tail (under 0.5 HU)
+    assert far_changes and max(far_changes) < 1e-3
+    assert SliceDataset(cases, organs, 1, length=4, seed=5, fatty_liver=1.0, augment=False).fatty_liver == 0.0
+
+
+def test_contrast_phase_and_fatty_liver_out_of_range_are_one_line_errors(tmp_path, tiny_dataset, capsys):
     from progidiff.cli import main
 
-    rc = main(["train", str(tiny_dataset), "-o", str(tmp_path / "m"), "--contrast-phase", "1.5"])
-    assert rc == 2 and capsys.readouterr().err.strip().count("\n") == 0
+    for flag in ("--contrast-phase", "--fatty-liver"):
+        rc = main(["train", str(tiny_dataset), "-o", str(tmp_path / "m"), flag, "1.5"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.count("\n") == 0 and flag in err
 
 
 def test_a_partly_labelled_cohort_draws_each_organ_as_often():

@@ -59,7 +59,7 @@ def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True, he
     steps = cfg.stage1_steps + cfg.stage2_steps
     ds = SliceDataset(cases, organs, cfg.context, length=steps * cfg.batch_size * accelerator.num_processes,
                       seed=cfg.seed * 1000 + 7, exclude_z=slabs, multilabel=True, body_scale=tuple(cfg.body_scale),
-                      contrast_phase=cfg.contrast_phase)
+                      contrast_phase=cfg.contrast_phase, fatty_liver=cfg.fatty_liver)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                          worker_init_fn=lambda _: torch.set_num_threads(1))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)

@@ -105,6 +105,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="share of CT training slices (0-1) given a random contrast phase, portal-venous to arterial, "
                         "organ by organ from their labels (default 0; the shipped model's last 600 steps used 0.5: a "
                         "model trained on unenhanced scans only finds no aorta or IVC on enhanced ones)")
+    p.add_argument("--fatty-liver", type=float, default=d.fatty_liver, metavar="SHARE",
+                   help="share of CT training slices (0-1) whose liver is made fatty, 10 to 60 HU darker, from "
+                        "their labels (default 0): steatosis, in about a quarter of adults, takes an unenhanced "
+                        "liver under the spleen")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
@@ -137,7 +141,7 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       holdout_case_names=_held_out_cases_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
                       dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale),
-                      contrast_phase=a.contrast_phase)
+                      contrast_phase=a.contrast_phase, fatty_liver=a.fatty_liver)
     from accelerate import PartialState  # the state train() sets up: under accelerate launch, say things once
 
     try:

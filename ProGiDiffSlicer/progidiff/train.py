@@ -89,6 +89,8 @@ class TrainConfig:
     body_scale: tuple[float, float] = BODY_SCALE
     #: Share of CT training slices given a random contrast phase from their labels (data.contrast_gain).
     contrast_phase: float = 0.0
+    #: Share of CT training slices whose liver is made fatty, from their labels (data.fatty_liver_gain).
+    fatty_liver: float = 0.0
     #: "unet": train the deterministic MONAI UNet baseline instead (same data, transforms, budget).
     baseline: str | None = None
     resume: bool = False
@@ -267,8 +269,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise InputError("--init-from fine-tunes a ProGiDiff model; the --baseline UNet always trains from scratch.")
     if cfg.init_from and cfg.base_model:
         raise InputError("Give --init-from or --base-model, not both: --init-from already has its backbone.")
-    if not 0.0 <= cfg.contrast_phase <= 1.0:
-        raise InputError(f"--contrast-phase is a share of the slices, 0 to 1; got {cfg.contrast_phase:g}.")
+    for flag, share in (("--contrast-phase", cfg.contrast_phase), ("--fatty-liver", cfg.fatty_liver)):
+        if not 0.0 <= share <= 1.0:
+            raise InputError(f"{flag} is a share of the slices, 0 to 1; got {share:g}.")
     lo, hi = cfg.body_scale
     if not 0.2 <= lo <= hi <= 5.0:
         raise InputError(f"--body-scale MIN MAX needs 0.2 <= MIN <= MAX <= 5 (times as large), got {lo:g} {hi:g}.")
@@ -352,7 +355,8 @@ def train(cfg: TrainConfig, progress: bool = True,
         ds = SliceDataset(cases, cfg.organs, cfg.context, length=steps * cfg.batch_size * accelerator.num_processes,
                           seed=cfg.seed * 1000 + stage, exclude_z=slabs,
                           positive_fraction=0.0 if stage == 1 and cfg.stage1_data == "images" else 0.75,
-                          body_scale=tuple(cfg.body_scale), contrast_phase=cfg.contrast_phase)
+                          body_scale=tuple(cfg.body_scale), contrast_phase=cfg.contrast_phase,
+                          fatty_liver=cfg.fatty_liver)
         # A resumed stage goes on with the items after the ones it trained on (item i is fixed by (seed, i)).
         todo = range(start * cfg.batch_size * accelerator.num_processes, len(ds))
         loader = torch.utils.data.DataLoader(
