@@ -10,7 +10,7 @@
 # (9) with a fatty liver, 40 HU darker than its own (steatosis, in about a quarter of adults); and
 # (10) another person's anatomy: the MR person's labels painted as CT with the CT person's Hounsfield
 # units (whole scan; docs/evaluation/ct-painted has its control and what it cannot show).
-# Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, all nine;
+# Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, the nine before the fatty liver, which takes 2.1 min more;
 # earlier runs took up to 35 min for eight, sharing the CPU).
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
 #   PRESENTATION (e.g. ct-thin-noisy): evaluate only these again; the tables are rebuilt from every report.
