@@ -165,6 +165,44 @@ def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_mod
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
+DROP_INTERRUPTS = """
+import signal, sys
+real = signal.signal
+def install(sig, handler):
+    if callable(handler):
+        def dropped(*args):
+            try:
+                handler(*args)
+            except KeyboardInterrupt:
+                pass  # as CPython drops one raised while a finaliser runs
+        return real(sig, dropped)
+    return real(sig, handler)
+signal.signal = install
+from progidiff.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_interrupt_python_drops_still_cancels(ct_path, tmp_path, shipped_model):
+    """A KeyboardInterrupt raised while Python runs a finaliser is printed and dropped; the
+    handler's cancel event stops the sampling anyway, and the output folder stays as it was."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", DROP_INTERRUPTS, "segment", str(ct_path), "--prompt", "liver",
+                             "--proposals", "16", "--steps", "50", "--model", str(shipped_model), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", cwd=tmp_path)
+    seen = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        seen += proc.stderr.read(1)
+        if re.search(r"sampling: .*\b[1-9]\d*/\d+ \[", seen):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, (seen + rest)[-500:]
+    assert "cancelled" in rest.lower() and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
 @pytest.mark.parametrize("kind", ["scattered", "empty"])
 def test_seg_nrrd_holds_every_proposal_on_its_own_layer(tmp_path, kind):
     """Each proposal comes back from the Slicer file as written, the list axis first, with the scan's

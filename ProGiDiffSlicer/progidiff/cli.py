@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .card import unseen_end_warning
-from .errors import ProGiDiffError
+from .errors import Cancelled, ProGiDiffError
 
 #: Kept equal to engine.DEFAULT_STEPS (a test checks); not imported so that --help stays fast (no torch import).
 DEFAULT_STEPS = 4
@@ -217,8 +217,20 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .outputs import check_output_dir
     for _, o in jobs:
         check_output_dir(o, a.overwrite)
-    # SIGTERM takes the same path as Ctrl-C: staging folders are removed, outputs untouched.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM: staging folders are removed, outputs untouched. The handler also sets the
+    # engine's cancel event, checked before every denoiser batch: a KeyboardInterrupt raised while
+    # Python runs a finaliser is printed and dropped, and one full-suite run saw a Ctrl-C during the
+    # locating pass lost so, the sampling going on for a minute after it.
+    import threading
+
+    cancel = threading.Event()
+
+    def interrupted(*_) -> None:
+        cancel.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     engine = Engine(a.model, device=device, adapter=_adapter_arg(a.adapter))
     engine.resolve(a.prompt)
     failed = 0
@@ -233,9 +245,9 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
 
         try:
             report = segment_file(engine, path, a.prompt, o, opts, overwrite=a.overwrite, progress=progress,
-                                  series=a.series)
+                                  series=a.series, cancel=cancel)
         except ProGiDiffError as exc:
-            if len(jobs) == 1:
+            if len(jobs) == 1 or isinstance(exc, Cancelled):
                 raise
             # In a cohort one bad case must not stop the others: report it and go on.
             print(f"progidiff: error: {exc}", file=sys.stderr)
