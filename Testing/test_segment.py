@@ -183,6 +183,17 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def test_segment_s_signal_handlers_cancel_and_then_come_back():
+    from progidiff.cli import _cancel_on_signals
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with _cancel_on_signals() as cancel:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        assert cancel.is_set()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_an_interrupt_python_drops_still_cancels(ct_path, tmp_path, shipped_model):
     """A KeyboardInterrupt raised while Python runs a finaliser is printed and dropped; the
     handler's cancel event stops the sampling anyway, and the output folder stays as it was."""

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .card import unseen_end_warning
 from .errors import Cancelled, ProGiDiffError
@@ -191,9 +194,30 @@ def _adapter_arg(value: str | None) -> str | None:
     return None if value in (None, "none", "None") else value
 
 
-def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
-    import signal
+@contextlib.contextmanager
+def _cancel_on_signals() -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt (staging folders are removed, outputs untouched) and
+    also set the event given, which the engine checks before every denoiser batch: CPython prints and
+    drops a KeyboardInterrupt raised while a finaliser runs, and one full-suite run saw a Ctrl-C during
+    the locating pass lost so, the sampling going on for a minute after it. The handlers that were
+    there come back afterwards (segment can run in-process, from a test or a script)."""
+    cancel = threading.Event()
 
+    def interrupted(*_) -> None:
+        cancel.set()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, interrupted)
+    try:
+        yield cancel
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from tqdm.auto import tqdm
 
     from .engine import Engine, SegmentOptions
@@ -217,54 +241,41 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .outputs import check_output_dir
     for _, o in jobs:
         check_output_dir(o, a.overwrite)
-    # Ctrl-C and SIGTERM: staging folders are removed, outputs untouched. The handler also sets the
-    # engine's cancel event, checked before every denoiser batch: a KeyboardInterrupt raised while
-    # Python runs a finaliser is printed and dropped, and one full-suite run saw a Ctrl-C during the
-    # locating pass lost so, the sampling going on for a minute after it.
-    import threading
+    with _cancel_on_signals() as cancel:
+        engine = Engine(a.model, device=device, adapter=_adapter_arg(a.adapter))
+        engine.resolve(a.prompt)
+        failed = 0
+        for path, o in jobs:
+            bar = tqdm(total=1, desc=f"{case_name(path)}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
 
-    cancel = threading.Event()
+            def progress(stage: str, done: int, total: int, _case=case_name(path)) -> None:
+                bar.set_description(f"{_case}: {stage}", refresh=False)
+                bar.total = total
+                bar.n = done
+                bar.refresh()
 
-    def interrupted(*_) -> None:
-        cancel.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
-    engine = Engine(a.model, device=device, adapter=_adapter_arg(a.adapter))
-    engine.resolve(a.prompt)
-    failed = 0
-    for path, o in jobs:
-        bar = tqdm(total=1, desc=f"{case_name(path)}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
-
-        def progress(stage: str, done: int, total: int, _case=case_name(path)) -> None:
-            bar.set_description(f"{_case}: {stage}", refresh=False)
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        try:
-            report = segment_file(engine, path, a.prompt, o, opts, overwrite=a.overwrite, progress=progress,
-                                  series=a.series, cancel=cancel)
-        except ProGiDiffError as exc:
-            if len(jobs) == 1 or isinstance(exc, Cancelled):
-                raise
-            # In a cohort one bad case must not stop the others: report it and go on.
-            print(f"progidiff: error: {exc}", file=sys.stderr)
-            failed = max(failed, exc.exit_code)
-            continue
-        finally:
-            bar.close()
-        vol, dia = report["volume_ml"], report["diameter_mm"]
-        print(f"{case_name(path)}: {report['organ_display']} · {len(report['proposals'])} proposals · agreement "
-              f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL, largest "
-              f"diameter {dia['min']:.0f}/{dia['median']:.0f}/{dia['max']:.0f} mm (min/median/max)"
-              f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
-        if report["unseen_organ_ends"]:
-            log.warning(unseen_end_warning(report["organ_display"].lower(), report["unseen_organ_ends"]))
-    if failed:
-        print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
-    return failed
+            try:
+                report = segment_file(engine, path, a.prompt, o, opts, overwrite=a.overwrite, progress=progress,
+                                      series=a.series, cancel=cancel)
+            except ProGiDiffError as exc:
+                if len(jobs) == 1 or isinstance(exc, Cancelled):
+                    raise
+                # In a cohort one bad case must not stop the others: report it and go on.
+                print(f"progidiff: error: {exc}", file=sys.stderr)
+                failed = max(failed, exc.exit_code)
+                continue
+            finally:
+                bar.close()
+            vol, dia = report["volume_ml"], report["diameter_mm"]
+            print(f"{case_name(path)}: {report['organ_display']} · {len(report['proposals'])} proposals · agreement "
+                  f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL, largest "
+                  f"diameter {dia['min']:.0f}/{dia['median']:.0f}/{dia['max']:.0f} mm (min/median/max)"
+                  f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
+            if report["unseen_organ_ends"]:
+                log.warning(unseen_end_warning(report["organ_display"].lower(), report["unseen_organ_ends"]))
+        if failed:
+            print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
+        return failed
 
 
 EPILOG_REFINE = """example:
