@@ -138,27 +138,34 @@ def test_cli_errors_are_one_line(args, code, needle, ct_crop, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def _interrupt_segment(launcher: list[str], ct_path, model, out, cwd, sig, when: str) -> tuple[int, str, str]:
+    """Run ``python LAUNCHER segment`` (16 proposals, 50 steps: long enough to interrupt), send ``sig``
+    once its stderr matches ``when``: (exit code, stderr up to the signal, stderr after it)."""
+    proc = subprocess.Popen([sys.executable, *launcher, "segment", str(ct_path), "--prompt", "liver",
+                             "--proposals", "16", "--steps", "50", "--model", str(model), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", cwd=cwd)
+    seen = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        seen += proc.stderr.read(1)
+        if re.search(when, seen):
+            break
+    proc.send_signal(sig)
+    # communicate, not wait: it drains stderr, so a full pipe cannot block the child's exit
+    # (subprocess's documented deadlock with wait() and PIPE).
+    rest = proc.communicate(timeout=60)[1]
+    return proc.returncode, seen, rest
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_model, sig):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("untouched", encoding="utf-8")
     before = sorted(os.listdir(out))
-    proc = subprocess.Popen([sys.executable, "-m", "progidiff.cli", "segment", str(ct_path), "--prompt", "liver",
-                             "--proposals", "16", "--steps", "50", "--model", str(shipped_model), "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", cwd=tmp_path)
-    seen = ""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        ch = proc.stderr.read(1)
-        seen += ch
-        if re.search(r"\b[1-9]\d*/\d+ \[", seen):  # the bar has counted model evaluations: mid-sampling
-            break
-    proc.send_signal(sig)
-    # communicate, not wait: it drains stderr, so a full pipe cannot block the child's exit
-    # (subprocess's documented deadlock with wait() and PIPE).
-    rest = proc.communicate(timeout=60)[1]
-    rc = proc.returncode
+    # once the bar has counted model evaluations: mid-sampling
+    rc, seen, rest = _interrupt_segment(["-m", "progidiff.cli"], ct_path, shipped_model, out, tmp_path, sig,
+                                        r"\b[1-9]\d*/\d+ \[")
     assert rc == 130, (seen + rest)[-500:]
     assert sorted(os.listdir(out)) == before
     assert (out / "keep.txt").read_text(encoding="utf-8") == "untouched"
@@ -198,18 +205,9 @@ def test_an_interrupt_python_drops_still_cancels(ct_path, tmp_path, shipped_mode
     """A KeyboardInterrupt raised while Python runs a finaliser is printed and dropped; the
     handler's cancel event stops the sampling anyway, and the output folder stays as it was."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", DROP_INTERRUPTS, "segment", str(ct_path), "--prompt", "liver",
-                             "--proposals", "16", "--steps", "50", "--model", str(shipped_model), "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", cwd=tmp_path)
-    seen = ""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        seen += proc.stderr.read(1)
-        if re.search(r"sampling: .*\b[1-9]\d*/\d+ \[", seen):
-            break
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130, (seen + rest)[-500:]
+    rc, seen, rest = _interrupt_segment(["-c", DROP_INTERRUPTS], ct_path, shipped_model, out, tmp_path, signal.SIGINT,
+                                        r"sampling: .*\b[1-9]\d*/\d+ \[")
+    assert rc == 130, (seen + rest)[-500:]
     assert "cancelled" in rest.lower() and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 

@@ -362,9 +362,8 @@ class SliceDataset(torch.utils.data.Dataset):
         gains = []
         for share, gain_of, stream in ((self.contrast_phase, contrast_gain, 1), (self.fatty_liver, fatty_liver_gain, 3)):
             rng = np.random.default_rng([self.seed, seed, stream])
-            if share > 0 and rng.random() < share:
-                gains.append(gain_of(masks, rng))
-        gains = [g for g in gains if g is not None]
+            if share > 0 and rng.random() < share and (gain := gain_of(masks, rng)) is not None:
+                gains.append(gain)
         if not gains:
             return stack
         from scipy.ndimage import gaussian_filter  # the partial volume at organ borders, in-plane
