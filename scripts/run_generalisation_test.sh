@@ -14,6 +14,8 @@
 # earlier runs took up to 35 min for eight, sharing the CPU).
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
 #   PRESENTATION (e.g. ct-thin-noisy): evaluate only these again; the tables are rebuilt from every report.
+#   INTO_CARD="ct-fatty-liver ..." (environment): also record these presentations' results in the model card
+#   (evaluate --into-card), as scripts/ship_default_model.sh does for the ones the card shows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/generalisation}
@@ -37,7 +39,8 @@ mkdir -p "$RUNS"
 report_dir() { [ "$1" = ct-painted-mr-person ] && echo docs/evaluation/ct-painted/mr-person || echo "docs/evaluation/$1"; }
 for v in $ONLY; do
   mkdir -p "$(report_dir $v)"
-  $P evaluate $CT "$RUNS/$v" -n 8 --overwrite -o "$(report_dir $v)"
+  card=(); case " ${INTO_CARD:-} " in *" $v "*) card=(--into-card) ;; esac
+  $P evaluate $CT "$RUNS/$v" -n 8 --overwrite "${card[@]}" -o "$(report_dir $v)"
 done
 {
   echo "# The shipped CT model on other fields of view, resolutions, noise, body sizes and organ positions"
