@@ -141,9 +141,15 @@ def test_cli_errors_are_one_line(args, code, needle, ct_crop, tmp_path):
 def _interrupt_segment(launcher: list[str], ct_path, model, out, cwd, sig, when: str) -> tuple[int, str, str]:
     """Run ``python LAUNCHER segment`` (16 proposals, 50 steps: long enough to interrupt), send ``sig``
     once its stderr matches ``when``: (exit code, stderr up to the signal, stderr after it)."""
-    proc = subprocess.Popen([sys.executable, *launcher, "segment", str(ct_path), "--prompt", "liver",
-                             "--proposals", "16", "--steps", "50", "--model", str(model), "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", cwd=cwd)
+    return _interrupt([*launcher, "segment", str(ct_path), "--prompt", "liver", "--proposals", "16", "--steps", "50",
+                       "--model", str(model), "-o", str(out)], cwd, sig, when)
+
+
+def _interrupt(args: list[str], cwd, sig, when: str) -> tuple[int, str, str]:
+    """Run ``python ARGS``, send ``sig`` once its stderr matches ``when``: (exit code, stderr up to the
+    signal, stderr after it)."""
+    proc = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace", cwd=cwd)
     seen = ""
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -169,6 +175,31 @@ def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_mod
     assert rc == 130, (seen + rest)[-500:]
     assert sorted(os.listdir(out)) == before
     assert (out / "keep.txt").read_text(encoding="utf-8") == "untouched"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "refine"])
+def test_sigterm_leaves_no_staging_folder_behind(command, tiny_model, tiny_dataset, tmp_path):
+    """A job scheduler's or `timeout`'s SIGTERM, mid-run, ends evaluate and refine as Ctrl-C does:
+    exit 130, the output folder not made and no hidden staging folder beside it (before, Python died
+    at once and left `.out.tmp-*` behind)."""
+    out = tmp_path / "out"
+    image = next((tiny_dataset / "imagesTr").iterdir())
+    if command == "evaluate":  # the bar appears once the staging folder exists
+        args, when = ["evaluate", str(tiny_model), str(tiny_dataset), "--baseline", "none"], r"evaluate:"
+    else:  # refine samples before it stages its files: interrupted while sampling, it must still say so and exit 130
+        mask = tmp_path / "mask.nii.gz"
+        label = next((tiny_dataset / "labelsTr").iterdir())
+        import SimpleITK as sitk
+        lab = sitk.ReadImage(str(label))
+        sitk.WriteImage(sitk.Cast(lab == 5, sitk.sitkUInt8), str(mask))
+        args, when = ["refine", str(image), "--prompt", "liver", "--mask", str(mask), "--keep", str(mask),
+                      "--model", str(tiny_model)], r"INFO model"
+    rc, seen, rest = _interrupt(["-m", "progidiff.cli", *args, "-n", "16", "--steps", "400", "-o", str(out)],
+                                tmp_path, signal.SIGTERM, when)
+    assert rc == 130, (seen + rest)[-800:]
+    assert "cancelled" in rest.lower() and "Traceback" not in rest, rest[-800:]
+    assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 

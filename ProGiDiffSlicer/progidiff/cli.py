@@ -333,10 +333,11 @@ def _run_refine(a: argparse.Namespace, argv: Sequence[str]) -> int:
     check_output_dir(out, a.overwrite)
     scan = read_scan(a.input)
     edited, keep = _read_mask_on(a.mask, scan), _read_mask_on(a.keep, scan)
-    engine = Engine(a.model, device=a.device)
-    result = engine.refine(scan, a.prompt, edited, keep, opts, strength=a.strength)
-    report = write_result(result, engine, out, a.overwrite, extra={"refined_from": str(a.mask), "kept": str(a.keep),
-                                                                   "strength": a.strength})
+    with _cancel_on_signals() as cancel:
+        engine = Engine(a.model, device=a.device)
+        result = engine.refine(scan, a.prompt, edited, keep, opts, strength=a.strength, cancel=cancel)
+        report = write_result(result, engine, out, a.overwrite, extra={"refined_from": str(a.mask), "kept": str(a.keep),
+                                                                       "strength": a.strength})
     vol = report["volume_ml"]
     print(f"{report['organ_display']}: {len(report['proposals'])} refined proposals · agreement {report['agreement']:.2f}"
           f" · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL -> {out}/")
@@ -446,10 +447,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .evaluate import evaluate
 
-    rep = evaluate(a.model, a.dataset, Path(a.output), proposals=a.proposals, steps=a.steps, seed=a.seed,
-                   device=a.device, overwrite=a.overwrite, command="progidiff " + shlex.join(argv),
-                   adapter=_adapter_arg(a.adapter), modality=a.modality, region_from=a.region_from,
-                   simulate_edits=a.simulate_edits, baseline=None if a.baseline == "none" else a.baseline)
+    # SIGTERM (a job scheduler, `timeout`) as Ctrl-C: the staging folder is removed (it was left behind).
+    with _cancel_on_signals():
+        rep = evaluate(a.model, a.dataset, Path(a.output), proposals=a.proposals, steps=a.steps, seed=a.seed,
+                       device=a.device, overwrite=a.overwrite, command="progidiff " + shlex.join(argv),
+                       adapter=_adapter_arg(a.adapter), modality=a.modality, region_from=a.region_from,
+                       simulate_edits=a.simulate_edits, baseline=None if a.baseline == "none" else a.baseline)
     if a.into_card:
         from .evaluate import record_in_card
 
