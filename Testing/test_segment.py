@@ -190,7 +190,6 @@ def test_sigterm_leaves_no_staging_folder_behind(command, tiny_model, tiny_datas
     else:  # refine samples before it stages its files: interrupted while sampling, it must still say so and exit 130
         mask = tmp_path / "mask.nii.gz"
         label = next((tiny_dataset / "labelsTr").iterdir())
-        import SimpleITK as sitk
         lab = sitk.ReadImage(str(label))
         sitk.WriteImage(sitk.Cast(lab == 5, sitk.sitkUInt8), str(mask))
         args, when = ["refine", str(image), "--prompt", "liver", "--mask", str(mask), "--keep", str(mask),

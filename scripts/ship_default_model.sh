@@ -9,7 +9,8 @@
 #   4. every evaluation the cards and the README show is re-run: the held-out slab (--simulate-edits),
 #      the fatty liver and the painted other person (--into-card), the MR adapter (--into-card), the
 #      rest of the generalisation test, and the bodies 1.3x and 1.45x as wide.
-# Each step is skipped when its output is there, so a killed run goes on where it stopped.
+# Steps 1-3 are skipped when their output is there, so a killed run goes on where it stopped;
+# step 4 evaluates everything again.
 # About 50 min on 2 CPU cores (baseline 17 min, adapter 3 min, evaluations about 30 min).
 # Usage: scripts/ship_default_model.sh CANDIDATE_DIR "BASELINE_OPTIONS" [RUNS_DIR]
 #   BASELINE_OPTIONS: the candidate's augmentation options, e.g. "--body-scale 0.6 1.6667 --contrast-phase 0.5"
