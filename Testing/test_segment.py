@@ -182,12 +182,12 @@ def test_interrupt_leaves_output_folder_unchanged(ct_path, tmp_path, shipped_mod
 def test_sigterm_leaves_no_staging_folder_behind(command, tiny_model, tiny_dataset, tmp_path):
     """A job scheduler's or `timeout`'s SIGTERM, mid-run, ends evaluate and refine as Ctrl-C does:
     exit 130, the output folder not made and no hidden staging folder beside it (before, Python died
-    at once and left `.out.tmp-*` behind)."""
+    at once, and evaluate left `.out.tmp-*` behind)."""
     out = tmp_path / "out"
-    image = next((tiny_dataset / "imagesTr").iterdir())
     if command == "evaluate":  # the bar appears once the staging folder exists
         args, when = ["evaluate", str(tiny_model), str(tiny_dataset), "--baseline", "none"], r"evaluate:"
     else:  # refine samples before it stages its files: interrupted while sampling, it must still say so and exit 130
+        image = next((tiny_dataset / "imagesTr").iterdir())
         mask = tmp_path / "mask.nii.gz"
         label = next((tiny_dataset / "labelsTr").iterdir())
         lab = sitk.ReadImage(str(label))
