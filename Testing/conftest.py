@@ -3,6 +3,10 @@ and a tiny model trained on a real crop (so no test runs on random weights)."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +164,26 @@ def tiny_adapter(tmp_path_factory, tiny_model, tiny_mr_dataset) -> Path:
     adapt(AdaptConfig(dataset=str(tiny_mr_dataset), base=str(tiny_model), output=str(out), shots=10, rank=2,
                       steps=4, batch_size=4), progress=False)
     return out
+
+
+def interrupt(args: list[str], cwd, sig, when: str, group: bool = False) -> tuple[int, str, str]:
+    """Run ``python ARGS``, send ``sig`` once its stderr matches ``when``: (exit code, stderr up to the
+    signal, stderr after it). ``group``: to its whole process group, as a terminal's Ctrl-C reaches a
+    command and the worker processes it started."""
+    proc = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace", cwd=cwd, start_new_session=group)
+    seen = ""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        c = proc.stderr.read(1)
+        seen += c
+        if not c or re.search(when, seen):
+            break
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    # communicate, not wait: it drains stderr, so a full pipe cannot block the child's exit
+    # (subprocess's documented deadlock with wait() and PIPE).
+    rest = proc.communicate(timeout=120)[1]
+    return proc.returncode, seen, rest

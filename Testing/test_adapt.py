@@ -1,13 +1,14 @@
 """LoRA adaptation: adapter files, round trip, refusal on another base, modality detection."""
 import json
 import shutil
+import signal
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import write_dicom_series
+from conftest import interrupt, write_dicom_series
 from progidiff.adapt import ADAPTER_CARD, ADAPTER_WEIGHTS, apply_adapter, shot_slab
 from progidiff.engine import Engine, SegmentOptions
 from progidiff.errors import ModelError
@@ -104,3 +105,41 @@ def test_one_seed_gives_one_adapter_whatever_the_global_generator_did(tmp_path, 
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_sigterm_mid_adapt_ends_it_as_ctrl_c_and_leaves_the_adapter_there_as_it_was(tmp_path, tiny_model,
+                                                                                     tiny_mr_dataset, tiny_adapter):
+    """A scheduler's SIGTERM mid-run: exit 130 with one line, the adapter folder being replaced as it
+    was, and no staging folder beside it (before, Python died at once: rc -15)."""
+    out = tmp_path / "mr"
+    shutil.copytree(tiny_adapter, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, seen, rest = interrupt(["-m", "progidiff.cli", "adapt", str(tiny_mr_dataset), "--from", str(tiny_model),
+                                "--rank", "2", "--steps", "400", "--batch-size", "2", "-o", str(out)],
+                               tmp_path, signal.SIGTERM, r"adapt: .*\| ?[1-9]\d*/400 \[")
+    assert rc == 130, (seen + rest)[-800:]
+    assert "cancelled" in rest and "Traceback" not in rest, rest[-800:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_adapt_writes_its_files_through_a_staging_folder(tmp_path, tiny_model, tiny_mr_dataset, monkeypatch):
+    """A save cut short (here: the card fails to write) leaves the adapter folder as it was; before,
+    new weights sat beside the old card."""
+    from progidiff import card as card_module
+    from progidiff.adapt import AdaptConfig, adapt
+
+    cfg = AdaptConfig(dataset=str(tiny_mr_dataset), base=str(tiny_model), output=str(tmp_path / "mr"), shots=10,
+                      rank=2, steps=2, batch_size=2)
+    adapt(cfg, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "mr").iterdir()}
+
+    def cut(_folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(card_module, "write_markdown", cut)
+    cfg.seed = 1  # other weights
+    with pytest.raises(KeyboardInterrupt):
+        adapt(cfg, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mr").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

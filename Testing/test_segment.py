@@ -1,11 +1,9 @@
 """`progidiff segment` end to end with the shipped model on real CT."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nrrd
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import dice, write_dicom_series
+from conftest import dice, interrupt, write_dicom_series
 from progidiff.cli import main
 from progidiff.engine import SegmentOptions
 from progidiff.outputs import REPORT_KEYS
@@ -141,26 +139,8 @@ def test_cli_errors_are_one_line(args, code, needle, ct_crop, tmp_path):
 def _interrupt_segment(launcher: list[str], ct_path, model, out, cwd, sig, when: str) -> tuple[int, str, str]:
     """Run ``python LAUNCHER segment`` (16 proposals, 50 steps: long enough to interrupt), send ``sig``
     once its stderr matches ``when``: (exit code, stderr up to the signal, stderr after it)."""
-    return _interrupt([*launcher, "segment", str(ct_path), "--prompt", "liver", "--proposals", "16", "--steps", "50",
+    return interrupt([*launcher, "segment", str(ct_path), "--prompt", "liver", "--proposals", "16", "--steps", "50",
                        "--model", str(model), "-o", str(out)], cwd, sig, when)
-
-
-def _interrupt(args: list[str], cwd, sig, when: str) -> tuple[int, str, str]:
-    """Run ``python ARGS``, send ``sig`` once its stderr matches ``when``: (exit code, stderr up to the
-    signal, stderr after it)."""
-    proc = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                            errors="replace", cwd=cwd)
-    seen = ""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        seen += proc.stderr.read(1)
-        if re.search(when, seen):
-            break
-    proc.send_signal(sig)
-    # communicate, not wait: it drains stderr, so a full pipe cannot block the child's exit
-    # (subprocess's documented deadlock with wait() and PIPE).
-    rest = proc.communicate(timeout=60)[1]
-    return proc.returncode, seen, rest
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -194,7 +174,7 @@ def test_sigterm_leaves_no_staging_folder_behind(command, tiny_model, tiny_datas
         sitk.WriteImage(sitk.Cast(lab == 5, sitk.sitkUInt8), str(mask))
         args, when = ["refine", str(image), "--prompt", "liver", "--mask", str(mask), "--keep", str(mask),
                       "--model", str(tiny_model)], r"INFO model"
-    rc, seen, rest = _interrupt(["-m", "progidiff.cli", *args, "-n", "16", "--steps", "400", "-o", str(out)],
+    rc, seen, rest = interrupt(["-m", "progidiff.cli", *args, "-n", "16", "--steps", "400", "-o", str(out)],
                                 tmp_path, signal.SIGTERM, when)
     assert rc == 130, (seen + rest)[-800:]
     assert "cancelled" in rest.lower() and "Traceback" not in rest, rest[-800:]

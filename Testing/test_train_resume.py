@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import interrupt
 from progidiff import checkpoints
 from progidiff.errors import InputError
 from progidiff.train import TrainConfig, train
@@ -122,11 +124,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(script: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def _launch(script: list[str], tmp_path: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """``accelerate launch`` on two processes. Without GPUs accelerate runs them as MULTI_CPU
     (gloo) when ACCELERATE_USE_CPU is set: the same DDP code path as several GPUs."""
     # GPUs hidden: two processes on the one GPU of a lent machine is not this test's path.
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port())] + script
@@ -161,6 +163,59 @@ def test_accelerate_launch_trains_on_two_processes_and_resumes_a_stopped_run(tmp
     b = load_file(str(tmp_path / "stopped" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "each process resumed its own noise and slices"
     assert _log(tmp_path / "stopped") == _log(unbroken)
+
+    # A scheduler's SIGTERM that reaches process 1 alone, after stage 2's step 3 (no periodic
+    # checkpoint there): both processes stop after that step and save it; the resumed run ends as
+    # the unbroken one. Without the all-reduce of the request, process 1 waited in the checkpoint's
+    # barrier while process 0 went on.
+    env = {"INTERRUPT_SIGNAL": "SIGTERM", "INTERRUPT_PROCESS": "1"}
+    sigterm = _launch([str(Path(__file__).with_name("interrupt_train.py")), "2", "3"] + args("sigterm"), tmp_path, env)
+    assert sigterm.returncode != 0 and "after stage 2, step 3" in sigterm.stderr, sigterm.stderr[-2000:]
+    assert json.loads((tmp_path / "sigterm" / "checkpoints" / "state.json").read_text(encoding="utf-8"))["step"] == 3
+    run = _launch(["-m", "progidiff.cli"] + args("sigterm") + ["--resume"], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    b = load_file(str(tmp_path / "sigterm" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli_train(dataset: Path, out: Path) -> list[str]:
+    """A command-line run long enough to signal mid stage 2, with no periodic checkpoint in it."""
+    return ["-m", "progidiff.cli", "train", str(dataset), "-o", str(out), "--organs", "liver",
+            "kidney_left", "--stage1-steps", "3", "--stage2-steps", "40", "--batch-size", "2", "--workers", "1",
+            "--checkpoint-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def unbroken_cli_run(tmp_path_factory, tiny_dataset) -> Path:
+    out = tmp_path_factory.mktemp("unbroken") / "m"
+    subprocess.run([sys.executable, *_cli_train(tiny_dataset, out)], check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the process", "Ctrl-C to its process group"])
+def test_a_signal_mid_run_saves_that_step_and_the_resumed_run_ends_as_the_unbroken_one(how, tmp_path, tiny_dataset,
+                                                                                       unbroken_cli_run):
+    """A scheduler's or `timeout`'s SIGTERM, or a terminal's Ctrl-C (which reaches the data-loading
+    worker too), mid stage 2: the step ends and is saved as a checkpoint although none was due, the
+    command exits 130 with one line, and --resume ends where the unbroken run ends. Before, SIGTERM
+    killed the run at once (rc -15) and both lost every step since the stage began."""
+    out = tmp_path / "m"
+    rc, seen, rest = interrupt(_cli_train(tiny_dataset, out), tmp_path, signal.SIGINT if "Ctrl-C" in how else
+                               signal.SIGTERM, r"stage 2: .*\| ?[2-9]/40 \[", group="Ctrl-C" in how)
+    assert rc == 130, (seen + rest)[-2000:]
+    assert "Traceback" not in rest, rest[-2000:]
+    state = json.loads((out / "checkpoints" / "state.json").read_text(encoding="utf-8"))
+    stage, step, _ = _log(out)[-1]
+    assert (state["stage"], state["step"]) == (stage, step) == (2, step) and 2 <= step < 40, (state, rest[-1000:])
+    assert f"after stage 2, step {step}" in rest and "--resume" in rest
+
+    run = subprocess.run([sys.executable, *_cli_train(tiny_dataset, out), "--resume"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a = load_file(str(unbroken_cli_run / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the checkpoint held that step's weights, moments and noise"
+    assert _log(out) == _log(unbroken_cli_run)
 
 
 def test_precision_is_accelerates_unless_the_command_names_one(monkeypatch, tmp_path):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .data import SliceDataset, dataset_organs, prepare_case, read_dataset
 from .errors import InputError, ModelError
 from .model import WEIGHTS_NAME, ProGiDiffModel, sha256
-from .outputs import check_output_dir
+from .outputs import check_output_dir, staging
 from .prompts import Vocabulary
 from .train import _collate_text, mask_dice_loss, phrase_table
 from .volume import GridSpec
@@ -187,29 +187,31 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{loss.item():.4f}")
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(state, str(out / ADAPTER_WEIGHTS))
-    cfg_dict = lcfg.to_dict()
-    cfg_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg_dict.items()}
-    (out / ADAPTER_CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=str), encoding="utf-8")
-    card = {
-        "kind": "lora-adapter", "modality": cfg.modality, "base_model": Path(cfg.base).name,
-        "base_sha256": base.card["sha256"][WEIGHTS_NAME], "organs": organs, "rank": cfg.rank,
-        "targets": lcfg.target_modules, "include_base": cfg.include_base, "shots": cfg.shots,
-        "bias_field_augmentation": cfg.bias_field, "dice_loss": dice_kind,
-        "trainable_parameters": trainable, "model_parameters": total, "trainable_fraction": trainable / total,
-        "training": {"command": cfg.command, "dataset": str(cfg.dataset), "cases": [c.name for c in cases],
-                     "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds": round(time.time() - t0, 1),
-                     "final_loss_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
-                     "adapt_z_mm": {k: [round(v[0], 2), round(v[1], 2)] for k, v in adapt_slabs.items()},
-                     "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in holdout.items()}},
-        "sha256": {ADAPTER_WEIGHTS: sha256(out / ADAPTER_WEIGHTS)},
-    }
-    (out / ADAPTER_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
-    from .card import write_markdown
+    # Written beside OUTPUT and moved in once whole: a Ctrl-C or SIGTERM while saving leaves no
+    # adapter whose weights and card disagree.
+    with staging(out, overwrite=True) as tmp:
+        state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(state, str(tmp / ADAPTER_WEIGHTS))
+        cfg_dict = lcfg.to_dict()
+        cfg_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg_dict.items()}
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=str), encoding="utf-8")
+        card = {
+            "kind": "lora-adapter", "modality": cfg.modality, "base_model": Path(cfg.base).name,
+            "base_sha256": base.card["sha256"][WEIGHTS_NAME], "organs": organs, "rank": cfg.rank,
+            "targets": lcfg.target_modules, "include_base": cfg.include_base, "shots": cfg.shots,
+            "bias_field_augmentation": cfg.bias_field, "dice_loss": dice_kind,
+            "trainable_parameters": trainable, "model_parameters": total, "trainable_fraction": trainable / total,
+            "training": {"command": cfg.command, "dataset": str(cfg.dataset), "cases": [c.name for c in cases],
+                         "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds": round(time.time() - t0, 1),
+                         "final_loss_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
+                         "adapt_z_mm": {k: [round(v[0], 2), round(v[1], 2)] for k, v in adapt_slabs.items()},
+                         "holdout_z_mm": {k: [[round(a, 2), round(b, 2)] for a, b in v] for k, v in holdout.items()}},
+            "sha256": {ADAPTER_WEIGHTS: sha256(tmp / ADAPTER_WEIGHTS)},
+        }
+        (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
+        from .card import write_markdown
 
-    write_markdown(out)
+        write_markdown(tmp)
     log.info("adapter saved to %s: %d trainable parameters (%.2f %% of %d) in %.0f s", out, trainable,
              100 * trainable / total, total, time.time() - t0)
     return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -147,8 +148,12 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       contrast_phase=a.contrast_phase, fatty_liver=a.fatty_liver)
     from accelerate import PartialState  # the state train() sets up: under accelerate launch, say things once
 
+    from .interrupts import stop_on_signals
+
     try:
-        out = train(cfg)
+        # Ctrl-C or SIGTERM: the step ends, a checkpoint is written, then KeyboardInterrupt.
+        with stop_on_signals() as stop:
+            out = train(cfg, stop=stop)
     except KeyboardInterrupt:
         if not PartialState().is_main_process:
             return 130
@@ -156,7 +161,9 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
         if cfg.baseline:
             where = "the baseline keeps no checkpoints, so nothing was saved"
         elif (ckpt / checkpoints.STATE).is_file():
-            where = f"its last checkpoint is in {ckpt}: run the same command with --resume to go on"
+            at = json.loads((ckpt / checkpoints.STATE).read_text(encoding="utf-8"))
+            after = (f"stage {at['stage']}, step {at['step']}" if at["step"] else f"the end of stage {at['stage'] - 1}")
+            where = f"its last checkpoint, after {after}, is in {ckpt}: run the same command with --resume to go on"
         else:
             where = "it stopped before its first checkpoint, so nothing was saved"
         print(f"progidiff: training stopped; {where}.", file=sys.stderr)
@@ -375,10 +382,12 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 def _run_adapt(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .adapt import AdaptConfig, adapt
 
-    out = adapt(AdaptConfig(dataset=a.dataset, base=a.base, output=a.output, modality=a.modality, shots=a.shots,
-                            rank=a.rank, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                            include_base=a.include_base, bias_field=not a.no_bias_field,
-                            command="progidiff " + shlex.join(argv)))
+    # SIGTERM as Ctrl-C: the adapter is written through a staging folder, so nothing half-written stays.
+    with _cancel_on_signals():
+        out = adapt(AdaptConfig(dataset=a.dataset, base=a.base, output=a.output, modality=a.modality, shots=a.shots,
+                                rank=a.rank, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                                include_base=a.include_base, bias_field=not a.no_bias_field,
+                                command="progidiff " + shlex.join(argv)))
     print(f"adapter saved to {out}")
     return 0
 

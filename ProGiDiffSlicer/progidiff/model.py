@@ -201,12 +201,16 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
         self.save_config(out)
         state = {k: v.detach().to(dtype).contiguous() if v.is_floating_point() else v.contiguous()
                  for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        # Weights and card under a temporary name, then renamed, the card last: a save killed midway
+        # leaves no half-written file under a model's name, and a card that names other weights' sha256
+        # (a previous model's) makes loading refuse the folder instead of using it.
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / WEIGHTS_NAME)
         card = dict(card or {})
         card.update({"format": CARD_FORMAT, "engine_version": __version__,
                      "parameters": self.num_parameters(),
                      "sha256": {WEIGHTS_NAME: sha256(out / WEIGHTS_NAME)}})
-        (out / CARD_NAME).write_text(json.dumps(card, indent=2), encoding="utf-8")
         te = Path(self.config.text_encoder)
         if self.config.text_encoder != DEFAULT_TEXT_ENCODER and te.is_dir() and te.resolve() != out.resolve():
             # A Stable Diffusion model carries its CLIP text encoder and tokenizer along.
@@ -215,6 +219,9 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
             for sub in ("text_encoder", "tokenizer"):
                 if (te / sub).is_dir():
                     shutil.copytree(te / sub, out / sub, dirs_exist_ok=True)
+        tmp = out / (CARD_NAME + ".tmp")
+        tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
+        os.replace(tmp, out / CARD_NAME)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, verify: bool = True) -> "ProGiDiffModel":

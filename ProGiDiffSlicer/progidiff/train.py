@@ -24,6 +24,7 @@ from . import checkpoints
 from .data import (BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, prepare_case, read_dataset, unseen_organ_ends,
                    untrainable_organs)
 from .errors import InputError
+from .interrupts import StopRequest, ignore_interrupts_in_worker
 from .model import ProGiDiffModel, small_unet_config
 from .outputs import check_output_dir
 from .prompts import TextEncoder, Vocabulary
@@ -249,8 +250,10 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, progress: bool = True,
-          on_step: Callable[[int, int, float], None] | None = None) -> Path:
-    """Train a model into ``cfg.output``; returns the folder of the saved model."""
+          on_step: Callable[[int, int, float], None] | None = None, stop: StopRequest | None = None) -> Path:
+    """Train a model into ``cfg.output``; returns the folder of the saved model. ``stop`` (set by
+    :func:`progidiff.interrupts.stop_on_signals`) ends the run at a step's end with a checkpoint,
+    raising KeyboardInterrupt."""
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -303,7 +306,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                              "(it trains in one go: 12.7 min for the shipped one on 2 CPU cores).")
         from .baseline import train_baseline
 
-        return train_baseline(cfg, cases, slabs, t0, progress=progress, held_cases=held_cases)
+        return train_baseline(cfg, cases, slabs, t0, progress=progress, held_cases=held_cases, stop=stop)
     if cfg.stage1_data not in ("masks", "images"):
         raise InputError(f"--stage1-data must be masks or images, got {cfg.stage1_data!r}.")
 
@@ -337,6 +340,8 @@ def train(cfg: TrainConfig, progress: bool = True,
         checkpoints.load(out, state, model, gen, accelerator.process_index)
     t0 -= state.seconds  # the card's training time counts the time before the resume too
 
+    if stop is not None:
+        stop.defer()
     for stage, steps in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)):
         if stage < state.stage or steps <= 0:
             continue
@@ -361,7 +366,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         todo = range(start * cfg.batch_size * accelerator.num_processes, len(ds))
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(ds, todo), batch_size=cfg.batch_size, num_workers=cfg.workers,
-            worker_init_fn=lambda _: torch.set_num_threads(1), persistent_workers=False)
+            worker_init_fn=ignore_interrupts_in_worker, persistent_workers=False)
         resumed = start > 0 and checkpoints.load_optimizer(out, state, stage, optimizer)
         # A resumed schedule starts at the step it stopped at (the loaded optimizer has its initial_lr).
         lr_sched = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps,
@@ -418,13 +423,20 @@ def train(cfg: TrainConfig, progress: bool = True,
                         logf.flush()
                 if on_step is not None:
                     on_step(stage, step, float(loss.item()))
-                if step % cfg.checkpoint_every == 0 and step < steps:
+                # The last step's checkpoint is the stage's, below.
+                halt = step < steps and stop_requested(accelerator, stop)
+                if step < steps and (step % cfg.checkpoint_every == 0 or halt):
                     logf.flush()
                     checkpoints.save(accelerator, out, cfg, accelerator.unwrap_model(pmodel), optimizer, gen,
                                      stage, step, time.time() - t0, state.resumed_at)
+                if halt:
+                    bar.close()  # before the command's message, not after it
+                    raise KeyboardInterrupt
         bar.close()
         model = accelerator.unwrap_model(pmodel)
         checkpoints.save(accelerator, out, cfg, model, None, gen, stage + 1, 0, time.time() - t0, state.resumed_at)
+        if stage == 1 and cfg.stage2_steps > 0 and stop_requested(accelerator, stop):
+            raise KeyboardInterrupt  # between the stages; a stop during the last one still saves the model
 
     seconds = time.time() - t0
     if accelerator.is_main_process:
@@ -451,6 +463,18 @@ def train(cfg: TrainConfig, progress: bool = True,
         log.info("saved model to %s after %.0fs", out, seconds)
     accelerator.wait_for_everyone()
     return out
+
+
+def stop_requested(accelerator, stop: StopRequest | None) -> bool:
+    """Whether to stop after this step. With several processes a signal may reach them a step
+    apart, and a checkpoint needs them all at one step: any process's request stops all (a
+    one-number all-reduce per step, beside the step's gradient all-reduce)."""
+    if stop is None:
+        return False
+    if accelerator.num_processes == 1:
+        return stop.is_set()
+    flag = torch.tensor([1.0 if stop.is_set() else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def init_record(init_card: dict) -> dict:
