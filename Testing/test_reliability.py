@@ -1,4 +1,8 @@
 """Bad input and faults: one clear error each, nothing half-written (docs/reliability.md)."""
+import resource
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -138,3 +142,61 @@ def test_cli_never_tracebacks_on_odd_arguments(args):
     except SystemExit as e:
         rc = e.code
     assert rc in (2, 3, 4, 5)
+
+
+def _under_file_size_limit(args: list[str], limit: int, cwd) -> subprocess.CompletedProcess:
+    """``python ARGS`` with every file it writes limited to ``limit`` bytes (RLIMIT_FSIZE; Python
+    ignores SIGXFSZ, so a write past it fails with EFBIG), as a full disk or a quota fails a write."""
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          cwd=cwd, preexec_fn=limited, timeout=300)
+
+
+def test_a_write_that_finds_no_room_is_one_line_and_leaves_nothing(tmp_path, tiny_model, ct_crop):
+    """segment under a 100 kB file-size limit (its overview is larger): one line, exit 5, no output
+    folder and no staging folder. Before, a traceback (PIL's OSError, exit 1)."""
+    run = _under_file_size_limit(["-m", "progidiff.cli", "segment", str(ct_crop), "--prompt", "liver", "-n", "2",
+                                  "--steps", "2", "--model", str(tiny_model), "-o", "out"], 100_000, tmp_path)
+    assert run.returncode == 5, run.stderr[-1500:]
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("progidiff: error: out: File too large; nothing was written over."), last
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_mask_written_only_in_part_is_an_error_not_a_result(tmp_path):
+    """SimpleITK's NIfTI writer prints "wrote only 0 of N bytes" and returns when the disk is full:
+    write_mask must raise, or the truncated mask would be renamed into OUTDIR as a result."""
+    from progidiff.outputs import nifti_gz_whole, write_mask
+
+    rng = np.random.default_rng(0)
+    mask = (rng.random((20, 64, 64)) > 0.5).astype(np.uint8)  # random: ~10 kB compressed
+    like = sitk.GetImageFromArray(mask)
+    write_mask(mask, like, tmp_path / "whole.nii.gz")
+    data = (tmp_path / "whole.nii.gz").read_bytes()
+    assert nifti_gz_whole(tmp_path / "whole.nii.gz", mask.nbytes)
+    assert not nifti_gz_whole(tmp_path / "whole.nii.gz", mask.nbytes + 1)
+    for cut in (10, 400, len(data) // 2, len(data) - 1):
+        (tmp_path / "cut.nii.gz").write_bytes(data[:cut])
+        assert not nifti_gz_whole(tmp_path / "cut.nii.gz", mask.nbytes), cut
+
+    script = ("import sys, numpy as np, SimpleITK as sitk; from pathlib import Path; from progidiff.outputs import write_mask;"
+              "m = np.load(sys.argv[1]); write_mask(m, sitk.GetImageFromArray(m), Path(sys.argv[2]))")
+    np.save(tmp_path / "mask.npy", mask)
+    run = _under_file_size_limit(["-c", script, str(tmp_path / "mask.npy"), str(tmp_path / "limited.nii.gz")],
+                                 4096 * 2 + len(np.load(tmp_path / "mask.npy").tobytes()) // 100, tmp_path)
+    assert "written only in part" in run.stderr, run.stderr[-1500:]
+
+
+def test_a_checkpoint_that_finds_no_room_keeps_the_last_and_says_resume(tmp_path, tiny_dataset):
+    """torch.save under a file-size limit raises "unexpected pos 704 vs 598"; train says in one line
+    to free space and --resume, and leaves no half-written checkpoint file."""
+    run = _under_file_size_limit(["-m", "progidiff.cli", "train", str(tiny_dataset), "-o", "m", "--organs", "liver",
+                                  "--stage1-steps", "3", "--stage2-steps", "2", "--batch-size", "2", "--workers", "0",
+                                  "--checkpoint-every", "2"], 30_000, tmp_path)
+    assert run.returncode == 5, run.stderr[-1500:]
+    assert "Traceback" not in run.stderr
+    assert "run the same command with --resume." in run.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / "m" / "checkpoints").glob("*.tmp"))

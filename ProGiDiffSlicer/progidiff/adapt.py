@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .data import SliceDataset, dataset_organs, prepare_case, read_dataset
 from .errors import InputError, ModelError
 from .model import WEIGHTS_NAME, ProGiDiffModel, sha256
-from .outputs import check_output_dir, staging
+from .outputs import check_output_dir, staging, write_errors_as_os_errors
 from .prompts import Vocabulary
 from .train import _collate_text, mask_dice_loss, phrase_table
 from .volume import GridSpec
@@ -191,7 +191,8 @@ def adapt(cfg: AdaptConfig, progress: bool = True) -> Path:
     # adapter whose weights and card disagree.
     with staging(out, overwrite=True) as tmp:
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        save_file(state, str(tmp / ADAPTER_WEIGHTS))
+        with write_errors_as_os_errors(tmp / ADAPTER_WEIGHTS):
+            save_file(state, str(tmp / ADAPTER_WEIGHTS))
         cfg_dict = lcfg.to_dict()
         cfg_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg_dict.items()}
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg_dict, indent=2, default=str), encoding="utf-8")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, ModelError
 from .interrupts import StopRequest, ignore_interrupts_in_worker
+from .outputs import write_errors_as_os_errors
 from .model import sha256
 from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, from_model_grid, guess_modality,
                      on_model_grid)
@@ -98,7 +99,8 @@ def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True, he
     if stop is not None:
         stop.defer()  # a signal from here on waits for the save to end
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(out / BASELINE_WEIGHTS))
+    with write_errors_as_os_errors(out / BASELINE_WEIGHTS):
+        save_file(state, str(out / BASELINE_WEIGHTS))
     vocab = Vocabulary.load()
     card = {
         "kind": "baseline-unet", "modality": cases[0].modality, "organs": organs,

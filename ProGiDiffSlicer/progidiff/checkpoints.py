@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .outputs import write_errors_as_os_errors
 
 log = logging.getLogger(__name__)
 
@@ -155,5 +156,6 @@ def save(accelerator, out: Path, cfg, model: torch.nn.Module, optimizer: torch.o
 
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with write_errors_as_os_errors(tmp):
+        torch.save(obj, tmp)
     os.replace(tmp, path)

@@ -506,6 +506,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("progidiff: cancelled; nothing was written.", file=sys.stderr)
         return 130
+    except OSError as exc:
+        from .errors import OutputError
+        from .outputs import WRITE_ERRNOS
+
+        if a.debug or exc.errno not in WRITE_ERRNOS:
+            raise
+        # segment, refine, evaluate and adapt write through a staging folder, train its checkpoints
+        # by atomic renames: what was there before is kept.
+        again = "the same command with --resume" if a.command == "train" else "the command again"
+        where = exc.filename or getattr(a, "output", None) or "an output file"  # PIL's errors name no file
+        print(f"progidiff: error: {where}: {exc.strerror}; nothing was written over. "
+              f"Free some space (or write elsewhere) and run {again}.", file=sys.stderr)
+        return OutputError.exit_code
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ModelError
+from .outputs import write_errors_as_os_errors
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
         # leaves no half-written file under a model's name, and a card that names other weights' sha256
         # (a previous model's) makes loading refuse the folder instead of using it.
         tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        with write_errors_as_os_errors(tmp):
+            save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out / WEIGHTS_NAME)
         card = dict(card or {})
         card.update({"format": CARD_FORMAT, "engine_version": __version__,

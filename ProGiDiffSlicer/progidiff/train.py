@@ -378,7 +378,8 @@ def train(cfg: TrainConfig, progress: bool = True,
         step = start
         # One log, the main process's: the others write theirs to nowhere (two "a" handles on one
         # file wrote the header twice under accelerate launch).
-        with open(log_path if accelerator.is_main_process else os.devnull, "a", newline="", encoding="utf-8") as logf:
+        # The bar closes before an error or a stop is reported, not after the command's last line.
+        with bar, open(log_path if accelerator.is_main_process else os.devnull, "a", newline="", encoding="utf-8") as logf:
             writer = csv.writer(logf)
             if logf.tell() == 0:
                 writer.writerow(["stage", "step", "loss", "mse", "dice", "lr", "seconds"])
@@ -430,9 +431,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                     checkpoints.save(accelerator, out, cfg, accelerator.unwrap_model(pmodel), optimizer, gen,
                                      stage, step, time.time() - t0, state.resumed_at)
                 if halt:
-                    bar.close()  # before the command's message, not after it
                     raise KeyboardInterrupt
-        bar.close()
         model = accelerator.unwrap_model(pmodel)
         checkpoints.save(accelerator, out, cfg, model, None, gen, stage + 1, 0, time.time() - t0, state.resumed_at)
         if stage == 1 and cfg.stage2_steps > 0 and stop_requested(accelerator, stop):
