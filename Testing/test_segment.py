@@ -201,10 +201,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_segment_s_signal_handlers_cancel_and_then_come_back():
-    from progidiff.cli import _cancel_on_signals
+    from progidiff.interrupts import cancel_on_signals
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    with _cancel_on_signals() as cancel:
+    with cancel_on_signals() as cancel:
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGTERM)
         assert cancel.is_set()

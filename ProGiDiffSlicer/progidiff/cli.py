@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import shlex
-import signal
 import sys
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .card import unseen_end_warning
 from .errors import Cancelled, ProGiDiffError
+from .interrupts import cancel_on_signals
 
 #: Kept equal to engine.DEFAULT_STEPS (a test checks); not imported so that --help stays fast (no torch import).
 DEFAULT_STEPS = 4
@@ -201,29 +199,6 @@ def _adapter_arg(value: str | None) -> str | None:
     return None if value in (None, "none", "None") else value
 
 
-@contextlib.contextmanager
-def _cancel_on_signals() -> Iterator[threading.Event]:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt (staging folders are removed, outputs untouched) and
-    also set the event given, which the engine checks before every denoiser batch: CPython prints and
-    drops a KeyboardInterrupt raised while a finaliser runs, and one full-suite run saw a Ctrl-C during
-    the locating pass lost so, the sampling going on for a minute after it. The handlers that were
-    there come back afterwards (segment can run in-process, from a test or a script)."""
-    cancel = threading.Event()
-
-    def interrupted(*_) -> None:
-        cancel.set()
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, interrupted)
-    try:
-        yield cancel
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from tqdm.auto import tqdm
 
@@ -248,7 +223,7 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .outputs import check_output_dir
     for _, o in jobs:
         check_output_dir(o, a.overwrite)
-    with _cancel_on_signals() as cancel:
+    with cancel_on_signals() as cancel:
         engine = Engine(a.model, device=device, adapter=_adapter_arg(a.adapter))
         engine.resolve(a.prompt)
         failed = 0
@@ -340,7 +315,7 @@ def _run_refine(a: argparse.Namespace, argv: Sequence[str]) -> int:
     check_output_dir(out, a.overwrite)
     scan = read_scan(a.input)
     edited, keep = _read_mask_on(a.mask, scan), _read_mask_on(a.keep, scan)
-    with _cancel_on_signals() as cancel:
+    with cancel_on_signals() as cancel:
         engine = Engine(a.model, device=a.device)
         result = engine.refine(scan, a.prompt, edited, keep, opts, strength=a.strength, cancel=cancel)
         report = write_result(result, engine, out, a.overwrite, extra={"refined_from": str(a.mask), "kept": str(a.keep),
@@ -383,7 +358,7 @@ def _run_adapt(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .adapt import AdaptConfig, adapt
 
     # SIGTERM as Ctrl-C: the adapter is written through a staging folder, so nothing half-written stays.
-    with _cancel_on_signals():
+    with cancel_on_signals():
         out = adapt(AdaptConfig(dataset=a.dataset, base=a.base, output=a.output, modality=a.modality, shots=a.shots,
                                 rank=a.rank, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                                 include_base=a.include_base, bias_field=not a.no_bias_field,
@@ -457,7 +432,7 @@ def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .evaluate import evaluate
 
     # SIGTERM (a job scheduler, `timeout`) as Ctrl-C: the staging folder is removed (it was left behind).
-    with _cancel_on_signals():
+    with cancel_on_signals():
         rep = evaluate(a.model, a.dataset, Path(a.output), proposals=a.proposals, steps=a.steps, seed=a.seed,
                        device=a.device, overwrite=a.overwrite, command="progidiff " + shlex.join(argv),
                        adapter=_adapter_arg(a.adapter), modality=a.modality, region_from=a.region_from,

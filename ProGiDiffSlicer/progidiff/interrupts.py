@@ -1,4 +1,6 @@
-"""Ctrl-C and SIGTERM during training: stop at a step's end with a checkpoint, not mid-step.
+"""Ctrl-C and SIGTERM: ``segment``, ``evaluate``, ``refine`` and ``adapt`` are cancelled at once
+(:func:`cancel_on_signals`; their outputs go through a staging folder, so nothing is half-written),
+``train`` stops at a step's end with a checkpoint, not mid-step (:func:`stop_on_signals`).
 
 A job scheduler (SLURM, a cloud's preemption, ``timeout``) ends a long run with SIGTERM and
 kills it a while later; Python's default is to die at once, which loses every step since the
@@ -40,6 +42,29 @@ class StopRequest:
         if self.is_set():  # asked for before any step ran: nothing to save, stop now
             raise KeyboardInterrupt
         self.deferred = True
+
+
+@contextlib.contextmanager
+def cancel_on_signals() -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt (staging folders are removed, outputs untouched) and
+    also set the event given, which the engine checks before every denoiser batch: CPython prints and
+    drops a KeyboardInterrupt raised while a finaliser runs, and one full-suite run saw a Ctrl-C during
+    the locating pass lost so, the sampling going on for a minute after it. The handlers that were
+    there come back afterwards (segment can run in-process, from a test or a script)."""
+    cancel = threading.Event()
+
+    def interrupted(*_) -> None:
+        cancel.set()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, interrupted)
+    try:
+        yield cancel
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
