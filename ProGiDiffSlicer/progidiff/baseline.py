@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +23,8 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, ModelError
 from .interrupts import StopRequest, ignore_interrupts_in_worker
-from .outputs import write_errors_as_os_errors
 from .model import sha256
+from .outputs import write_errors_as_os_errors
 from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, from_model_grid, guess_modality,
                      on_model_grid)
 
@@ -99,8 +100,10 @@ def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True, he
     if stop is not None:
         stop.defer()  # a signal from here on waits for the save to end
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    with write_errors_as_os_errors(out / BASELINE_WEIGHTS):
-        save_file(state, str(out / BASELINE_WEIGHTS))
+    tmp = out / (BASELINE_WEIGHTS + ".tmp")  # renamed once whole: a failed save keeps a previous baseline's weights
+    with write_errors_as_os_errors(tmp):
+        save_file(state, str(tmp))
+    os.replace(tmp, out / BASELINE_WEIGHTS)
     vocab = Vocabulary.load()
     card = {
         "kind": "baseline-unet", "modality": cases[0].modality, "organs": organs,
