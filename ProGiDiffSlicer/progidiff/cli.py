@@ -86,8 +86,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help=f"steps between checkpoints in OUTPUT/checkpoints (default {d.checkpoint_every}; one is also "
                         "written at the end of each stage)")
     p.add_argument("--resume", action="store_true",
-                   help="go on from OUTPUT/checkpoints after Ctrl-C or a killed job: give the command it was started "
-                        "with; the run ends as if it had never stopped")
+                   help="go on from OUTPUT/checkpoints after Ctrl-C or SIGTERM (either writes a checkpoint of the step "
+                        "it stopped at) or a killed job: give the command it was started with; the run ends as if it "
+                        "had never stopped")
     p.add_argument("--workers", type=int, default=d.workers, help="data-loading worker processes")
     p.add_argument("--stage1-data", choices=["masks", "images"], default=d.stage1_data,
                    help="stage 1 pre-trains the base on the organ masks (a shape prior, default) or on the unlabelled "
