@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, ModelError
 from .interrupts import StopRequest, ignore_interrupts_in_worker
 from .model import sha256
-from .outputs import write_errors_as_os_errors
+from .outputs import replaced_whole
 from .volume import (GridSpec, Scan, body_axis_coords, body_slices, context_slices, from_model_grid, guess_modality,
                      on_model_grid)
 
@@ -100,10 +99,8 @@ def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True, he
     if stop is not None:
         stop.defer()  # a signal from here on waits for the save to end
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    tmp = out / (BASELINE_WEIGHTS + ".tmp")  # renamed once whole: a failed save keeps a previous baseline's weights
-    with write_errors_as_os_errors(tmp):
+    with replaced_whole(out / BASELINE_WEIGHTS) as tmp:  # a failed save keeps a previous baseline's weights
         save_file(state, str(tmp))
-    os.replace(tmp, out / BASELINE_WEIGHTS)
     vocab = Vocabulary.load()
     card = {
         "kind": "baseline-unet", "modality": cases[0].modality, "organs": organs,

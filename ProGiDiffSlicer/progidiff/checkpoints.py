@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .outputs import write_errors_as_os_errors
+from .outputs import replaced_whole
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +100,8 @@ def _cut_log(log_path: Path, state: RunState) -> None:
     with open(log_path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     kept = rows[:1] + [r for r in rows[1:] if (int(r[0]), int(r[1])) <= (state.stage, state.step)]
-    tmp = log_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with replaced_whole(log_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(kept)
-    os.replace(tmp, log_path)
 
 
 def load(out: Path, state: RunState, model: torch.nn.Module, generator: torch.Generator, process: int) -> None:
@@ -149,13 +146,10 @@ def save(accelerator, out: Path, cfg, model: torch.nn.Module, optimizer: torch.o
         (ckpt / OPTIMIZER).unlink(missing_ok=True)
     state = {"stage": stage, "step": step, "seconds": round(seconds, 1), "resumed_at": resumed_at,
              "processes": accelerator.num_processes, "options": run_options(cfg)}
-    tmp = ckpt / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    os.replace(tmp, ckpt / STATE)
+    with replaced_whole(ckpt / STATE) as tmp:
+        tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with write_errors_as_os_errors(tmp):
+    with replaced_whole(path) as tmp:
         torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -45,32 +45,38 @@ class StopRequest:
 
 
 @contextlib.contextmanager
+def _handling(handler) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM within the block; the handlers that were there come back
+    afterwards (the commands can run in-process, from a test, a script or a notebook)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
 def cancel_on_signals() -> Iterator[threading.Event]:
     """Ctrl-C and SIGTERM raise KeyboardInterrupt (staging folders are removed, outputs untouched) and
     also set the event given, which the engine checks before every denoiser batch: CPython prints and
     drops a KeyboardInterrupt raised while a finaliser runs, and one full-suite run saw a Ctrl-C during
-    the locating pass lost so, the sampling going on for a minute after it. The handlers that were
-    there come back afterwards (segment can run in-process, from a test or a script)."""
+    the locating pass lost so, the sampling going on for a minute after it."""
     cancel = threading.Event()
 
     def interrupted(*_) -> None:
         cancel.set()
         raise KeyboardInterrupt
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, interrupted)
-    try:
+    with _handling(interrupted):
         yield cancel
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """Install the SIGINT/SIGTERM handlers described above for the block; the previous ones come
-    back afterwards (training can run in-process, from a test or a notebook)."""
+    """The SIGINT/SIGTERM handling described above, for the block."""
     stop = StopRequest()
     # Said once under `accelerate launch` (which sets RANK), by the process that says the rest.
     announce = os.environ.get("RANK", "0") == "0"
@@ -84,14 +90,8 @@ def stop_on_signals() -> Iterator[StopRequest]:
                   "checkpoint (Ctrl-C again to stop at once, without one).", file=sys.stderr, flush=True)
         stop.set()
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
+    with _handling(handler):
         yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def ignore_interrupts_in_worker(_worker_id: int) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ModelError
-from .outputs import write_errors_as_os_errors
+from .outputs import replaced_whole
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,8 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
         # Weights and card under a temporary name, then renamed, the card last: a save killed midway
         # leaves no half-written file under a model's name, and a card that names other weights' sha256
         # (a previous model's) makes loading refuse the folder instead of using it.
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        with write_errors_as_os_errors(tmp):
+        with replaced_whole(out / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / WEIGHTS_NAME)
         card = dict(card or {})
         card.update({"format": CARD_FORMAT, "engine_version": __version__,
                      "parameters": self.num_parameters(),
@@ -221,9 +219,8 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
             for sub in ("text_encoder", "tokenizer"):
                 if (te / sub).is_dir():
                     shutil.copytree(te / sub, out / sub, dirs_exist_ok=True)
-        tmp = out / (CARD_NAME + ".tmp")
-        tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
-        os.replace(tmp, out / CARD_NAME)
+        with replaced_whole(out / CARD_NAME) as tmp:
+            tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, verify: bool = True) -> "ProGiDiffModel":

@@ -112,6 +112,22 @@ def write_errors_as_os_errors(path: Path) -> Iterator[None]:
                       str(path)) from exc
 
 
+@contextlib.contextmanager
+def replaced_whole(path: Path) -> Iterator[Path]:
+    """Yield ``PATH.tmp`` to write; once written, rename it to ``path`` (atomic on one file system),
+    so that a write killed or failed midway leaves no half-written file under that name, and whatever
+    was there before stays. A failed write removes the temporary file and raises as
+    :func:`write_errors_as_os_errors` does."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with write_errors_as_os_errors(tmp):
+            yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def nifti_gz_whole(path: Path, data_bytes: int) -> bool:
     """Whether a NIfTI-1 .nii.gz holds its whole image: the gzip trailer's uncompressed size
     (mod 2**32) is the header's voxel offset plus the image's bytes. A file cut short ends inside
