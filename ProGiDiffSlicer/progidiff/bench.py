@@ -21,7 +21,7 @@ import torch
 from .engine import Engine, SegmentOptions, SegmentResult
 from .errors import InputError
 from .sampling import autocast_dtype
-from .volume import body_axis_coords, body_slices, context_slices, read_scan
+from .volume import body_axis_coords, body_slices, context_slices, guess_modality, read_scan
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
     """Ranked-first Dice on the held-out slab against the number of DPM-Solver++ steps."""
     import SimpleITK as sitk
 
-    from .data import organ_label_values, read_dataset, read_label, z_ranges
+    from .data import organ_mask, read_dataset, read_label, z_ranges
     from .evaluate import dice_hd95, slab_mask
 
     info = read_dataset(dataset)
@@ -221,7 +221,7 @@ def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
     label = sitk.GetArrayFromImage(read_label(entry, scan.image))
     slabs = z_ranges(engine.card.get("training", {}).get("holdout_z_mm", {}).get(entry.name, []))
     keep = slab_mask(scan.image, slabs) if slabs else np.ones(label.shape, bool)
-    ref = np.isin(label, organ_label_values(info.labels, engine.vocabulary, organ.name)) & keep
+    ref = organ_mask(label, scan.image, info.labels, engine.vocabulary, organ.name, guess_modality(scan)[0]) & keep
     engine.segment(scan, prompt, SegmentOptions(proposals=proposals, steps=1))  # untimed: this scan's first call
     out = []
     for steps in steps_list:

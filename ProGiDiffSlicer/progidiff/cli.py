@@ -54,7 +54,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on an nnU-Net/MSD-style dataset",
                        description="Train a ProGiDiff model (stage 1: base mask prior; stage 2: ControlNet branch + image encoder, base frozen).",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", help="folder with imagesTr/, labelsTr/ and dataset.json")
+    p.add_argument("dataset", help="folder with imagesTr/, labelsTr/ and dataset.json (or that JSON file, if named otherwise)")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("--organs", nargs="+", help="organs to learn (vocabulary names; default: those of "
                    f"{', '.join(DEFAULT_ORGANS)} that the dataset's labels name)")
@@ -341,7 +341,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                        description="Train a LoRA adapter (peft) on the ControlNet branch with K labelled slices of a new "
                                    "modality: the K central slices of each case adapt, the slabs above and below are held out.",
                        epilog=EPILOG_ADAPT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset")
+    p.add_argument("dataset", help="folder with imagesTr/, labelsTr/, dataset.json (or that JSON file, if named otherwise)")
     p.add_argument("--from", dest="base", required=True, help="the model to adapt")
     p.add_argument("--modality", default="MR", choices=["CT", "MR"])
     p.add_argument("--shots", type=_positive_int, default=d.shots, help="labelled slices to adapt on (default 10)")
@@ -396,6 +396,8 @@ def _run_bench(a: argparse.Namespace, argv: Sequence[str]) -> int:
 EPILOG_EVALUATE = """example:
   progidiff evaluate Resources/Models/progidiff-ct-abdomen ../shared/data/ct-abdomen --proposals 8 -o eval/
   progidiff evaluate my_model MY_COHORT -o eval/   # trained with --holdout-cases: scores the held-out cases only
+  progidiff evaluate Resources/Models/progidiff-ct-abdomen Task09_Spleen -o eval/   # an MSD task, as downloaded
+  progidiff evaluate Resources/Models/progidiff-ct-abdomen btcv/dataset_0.json -o eval/   # MONAI's BTCV
 writes report.md, report.json, report.png (Dice per organ and method) and report-slices.png (each organ's
 slice where the ranked-first proposal is most wrong, with every method's outline)
 """
@@ -403,12 +405,12 @@ slice where the ranked-first proposal is most wrong, with every method's outline
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Dice/HD95 per organ: ranked-first, consensus, best-of-N, RandTop-3, GED",
-                       description="Evaluate a model on a labelled nnU-Net-style dataset: on the held-out slab "
+                       description="Evaluate a model on a labelled nnU-Net- or MSD-style dataset: on the held-out slab "
                                    "recorded in the model card for the cases it was trained on, and on the whole "
                                    "cases it held out or never saw.",
                        epilog=EPILOG_EVALUATE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model folder")
-    p.add_argument("dataset", help="folder with imagesTr/, labelsTr/, dataset.json")
+    p.add_argument("dataset", help="folder with imagesTr/, labelsTr/, dataset.json (or that JSON file, if named otherwise)")
     p.add_argument("-n", "--proposals", type=_positive_int, default=8)
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
     p.add_argument("--seed", type=int, default=0,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,8 +17,8 @@ import torch
 
 from .errors import InputError
 from .prompts import Vocabulary
-from .volume import (CT_WINDOW, GridSpec, _check_complete, _first_line, body_axis_coords, body_slices, context_slices,
-                     guess_modality, label_to_model_grid, on_model_grid, read_scan)
+from .volume import (CT_WINDOW, IMAGE_SUFFIXES, GridSpec, _check_complete, _first_line, body_axis_coords, body_centre,
+                     body_slices, context_slices, guess_modality, label_to_model_grid, on_model_grid, read_scan)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,16 @@ class DatasetInfo:
 
 
 def read_dataset(root: str | os.PathLike) -> DatasetInfo:
-    """Parse ``dataset.json`` (nnU-Net v2 ``labels: {name: value}`` or MSD ``{value: name}``)."""
+    """Parse ``dataset.json`` (nnU-Net v2 ``labels: {name: value}`` or MSD ``{value: name}``) and find the cases.
+
+    Cases, in this order of precedence: MSD's ``"training"`` list of ``{"image", "label"}`` paths (the Medical
+    Segmentation Decathlon's tasks, AMOS, MONAI's BTCV, whose files are not named ``CASE_0000``); else nnU-Net's
+    ``imagesTr/CASE_0000.nii.gz`` with ``labelsTr/CASE.nii.gz``; else images and labels of the same file name.
+    ``root`` is the dataset's folder or its JSON file, when that is not named dataset.json."""
     r = Path(root)
     meta_path = r / "dataset.json"
+    if r.suffix.lower() == ".json" and r.is_file():  # a dataset file of another name: MONAI's BTCV "dataset_0.json"
+        r, meta_path = r.parent, r
     if not meta_path.is_file():
         raise InputError(f"{r}: no dataset.json; a dataset folder holds imagesTr/, labelsTr/ and dataset.json (nnU-Net convention).")
     try:
@@ -56,6 +64,11 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
                          '(nnU-Net) or {"0": "background", "1": "liver"} (MSD).')
     labels: dict[str, int] = {}
     for k, v in raw.items():
+        if isinstance(v, list) and len(v) > 1:
+            # nnU-Net's region labels ("kidney": [1, 2, 3]) overlap by design; taking one of the values would
+            # silently score part of the organ as background.
+            raise InputError(f'{meta_path}: label "{k}" is a region of several values {json.dumps(v)}; ProGiDiff reads '
+                             "one value per label: list each class once, as nnU-Net's non-region datasets do.")
         try:
             if isinstance(v, str) and str(k).lstrip("-").isdigit():
                 labels[v] = int(k)  # MSD: {"1": "liver"}
@@ -68,21 +81,64 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
     if chans:
         first = str(list(chans.values())[0]).upper()
         modality = "CT" if "CT" in first else ("MR" if first.startswith("MR") or "T1" in first or "T2" in first else None)
-    cases: list[CaseEntry] = []
-    # Hidden files are skipped: macOS leaves "._CASE_0000.nii.gz" beside each file it copies, which is no image.
-    # nnU-Net v2's "file_ending" says which files are images, when given.
-    ending = meta.get("file_ending") if isinstance(meta.get("file_ending"), str) else ""
-    images = sorted(p for p in (r / "imagesTr").glob("*_0000.*")
-                    if not p.name.startswith(".") and p.name.endswith(ending) and p.is_file())
-    if not images:
-        raise InputError(f"{r / 'imagesTr'}: no images named CASE_0000{ending or '.nii.gz'}.")
-    for img in images:
-        name = img.name.split("_0000.")[0]
-        suffix = img.name[len(name) + len("_0000"):]
-        lab = r / "labelsTr" / f"{name}{suffix}"
-        cases.append(CaseEntry(name, img, lab if lab.is_file() else None))
+    listed = meta.get("training")
+    cases = _listed_cases(r, meta_path, listed) if isinstance(listed, list) and listed else _found_cases(r, meta)
+    names = [c.name for c in cases]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"{meta_path}: two cases are named {twice[0]}; held-out cases and slabs are kept by name, so "
+                         "each case needs a name of its own.")
     description = meta.get("description") if isinstance(meta.get("description"), str) else ""
     return DatasetInfo(r, labels, modality, cases, " ".join(description.split()))
+
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    for ending in IMAGE_SUFFIXES:
+        if name.lower().endswith(ending):
+            return name[: -len(ending)]
+    return path.stem
+
+
+def _listed_cases(root: Path, meta_path: Path, listed: list) -> list[CaseEntry]:
+    """MSD's ``"training": [{"image": "./imagesTr/spleen_19.nii.gz", "label": "./labelsTr/spleen_19.nii.gz"}]``.
+    A listed file that is not there is a broken dataset: refused, naming it, rather than trained without."""
+    cases = []
+    for item in listed:
+        image = item.get("image") if isinstance(item, dict) else None
+        if not isinstance(image, str) or not image:
+            raise InputError(f'{meta_path}: each "training" entry is {{"image": PATH, "label": PATH}}; one is {json.dumps(item)[:80]}.')
+        label = item.get("label")
+        paths = [root / image] + ([root / label] if isinstance(label, str) and label else [])
+        for path in paths:
+            if not path.is_file():
+                raise InputError(f'{meta_path}: its "training" list names {os.path.relpath(path, root)}, which is not there.')
+        cases.append(CaseEntry(_case_name(paths[0]), paths[0], paths[1] if len(paths) > 1 else None))
+    return cases
+
+
+def _found_cases(root: Path, meta: dict) -> list[CaseEntry]:
+    """nnU-Net's ``CASE_0000`` images (the first channel), else images and labels of one file name each.
+    Hidden files are skipped: macOS leaves "._CASE_0000.nii.gz" beside each file it copies, which is no
+    image. nnU-Net v2's "file_ending" says which files are images, when given."""
+    ending = meta.get("file_ending") if isinstance(meta.get("file_ending"), str) else ""
+    files = sorted(p for p in (root / "imagesTr").glob("*") if not p.name.startswith(".") and p.is_file()
+                   and p.name.endswith(ending) and p.name.lower().endswith(IMAGE_SUFFIXES))
+    channel0 = [p for p in files if "_0000." in p.name]
+    cases = []
+    if channel0:
+        for img in channel0:
+            name = img.name.split("_0000.")[0]
+            lab = root / "labelsTr" / f"{name}{img.name[len(name) + len('_0000'):]}"
+            cases.append(CaseEntry(name, img, lab if lab.is_file() else None))
+        return cases
+    for img in files:  # one file name for image and label, as MSD's folders without a "training" list
+        lab = root / "labelsTr" / img.name
+        cases.append(CaseEntry(_case_name(img), img, lab if lab.is_file() else None))
+    if not cases:
+        raise InputError(f"{root / 'imagesTr'}: no images (CASE_0000{ending or '.nii.gz'} as nnU-Net names them, or "
+                         'listed in dataset.json\'s "training" as MSD does).')
+    return cases
 
 
 def read_label(entry: CaseEntry, image: sitk.Image) -> sitk.Image:
@@ -162,10 +218,9 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
         label_img = read_label(entry, scan.image)
         lab_arr = sitk.GetArrayViewFromImage(label_img)
         for organ in organs:
-            values = organ_label_values(labels, vocab, organ)  # all of them: two names may name one organ
-            if not values:
+            if not organ_label_values(labels, vocab, organ):
                 continue
-            binary = sitk.GetImageFromArray(np.isin(lab_arr, values).astype(np.uint8))
+            binary = sitk.GetImageFromArray(organ_mask(lab_arr, scan.image, labels, vocab, organ, mod).astype(np.uint8))
             binary.CopyInformation(label_img)
             masks[organ] = label_to_model_grid(binary, ref)
     z0, sz, nz = ref.GetOrigin()[2], ref.GetSpacing()[2], ref.GetSize()[2]
@@ -174,14 +229,97 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
     return PreparedCase(entry.name, mod, image, masks, z0 + sz * np.arange(nz), ref, scan_z, body_axis_coords(image))
 
 
+#: Label names of public datasets that are neither a name nor a synonym of the vocabulary's organs.
+DATASET_LABEL_ALIASES = {
+    "rkid": "kidney_right", "lkid": "kidney_left", "gall": "gallbladder", "sto": "stomach",  # MONAI's BTCV dataset_0.json
+    "postcava": "inferior_vena_cava", "arota": "aorta",  # AMOS 2022's dataset.json (its spelling of the aorta)
+}
+#: One label for both sides (AbdomenCT-1K's and KiTS's "kidney"): split at the body's midline into the
+#: vocabulary's left and right organ (organ_mask).
+BILATERAL = {"kidney": ("kidney_left", "kidney_right"), "kidneys": ("kidney_left", "kidney_right")}
+#: A label with one of these as its last word is a lesion ("cancer" in MSD's liver and pancreas tasks, "liver
+#: tumor"). It lies in its organ, and an organ's segmentation (volumetry, the Segment Editor's) holds its lesions,
+#: so its voxels are the organ's; left out, they would teach the model holes where tumours are.
+LESION_WORDS = {"tumor", "tumour", "tumors", "tumours", "cancer", "lesion", "lesions", "mass", "masses",
+                "metastasis", "metastases", "cyst", "cysts"}
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
+
+
+def _organs_named(name: str, vocabulary: Vocabulary) -> tuple[str, ...]:
+    """The organs a label name names: a vocabulary name or synonym, a public dataset's alias, or both sides."""
+    known = set(vocabulary.names())
+    if (o := vocabulary.organ_for_label_name(name)) is not None:
+        return (o.name,)
+    key = _norm(name)
+    return tuple(o for o in ((DATASET_LABEL_ALIASES[key],) if key in DATASET_LABEL_ALIASES else BILATERAL.get(key, ()))
+                 if o in known)
+
+
+class LabelRole(NamedTuple):
+    organs: tuple[str, ...]  # the organs whose voxels the label holds
+    lesion: bool             # a lesion of them
+    both_sides: bool         # one label for a left and a right organ: organ_mask splits it
+
+
+def label_organs(labels: dict[str, int], vocabulary: Vocabulary) -> dict[str, LabelRole]:
+    """For each label name, what it holds (LabelRole).
+
+    A lesion counts for its organ only where the dataset labels that organ too: an unqualified "cancer"
+    for the organ of the dataset's one organ label (MSD's tasks; KiTS's "tumor" for its "kidney", both
+    sides), "liver tumor" for the liver."""
+    out = {n: LabelRole(_organs_named(n, vocabulary), False, _norm(n) in BILATERAL) for n in labels}
+    hosts = [role for role in out.values() if role.organs]
+    named = {o for role in hosts for o in role.organs}
+    for n in labels:
+        words = _norm(n).split()
+        if out[n].organs or not words or words[-1] not in LESION_WORDS:
+            continue
+        if len(words) > 1:
+            rest = " ".join(words[:-1])
+            host = LabelRole(_organs_named(rest, vocabulary), True, rest in BILATERAL)
+        else:
+            host = hosts[0] if len(hosts) == 1 else LabelRole((), True, False)
+        out[n] = LabelRole(tuple(o for o in host.organs if o in named), True, host.both_sides)
+    return out
+
+
 def organ_label_values(labels: dict[str, int], vocabulary: Vocabulary, organ: str) -> list[int]:
-    """The dataset's label values that name ``organ`` (a vocabulary name) or one of its synonyms."""
-    return [v for n, v in labels.items() if (o := vocabulary.organ_for_label_name(n)) is not None and o.name == organ]
+    """The dataset's label values that hold ``organ`` (a vocabulary name): its names, synonyms and aliases
+    (two names may name one organ), a label of both sides, and its lesions (label_organs)."""
+    return [labels[n] for n, role in label_organs(labels, vocabulary).items() if organ in role.organs]
+
+
+def lesions_counted(labels: dict[str, int], vocabulary: Vocabulary) -> dict[str, tuple[str, ...]]:
+    """Lesion labels whose voxels count as their organ's, for the log: train and evaluate say so."""
+    return {n: role.organs for n, role in label_organs(labels, vocabulary).items() if role.lesion and role.organs}
+
+
+def organ_mask(label: np.ndarray, image: sitk.Image, labels: dict[str, int], vocabulary: Vocabulary, organ: str,
+               modality: str) -> np.ndarray:
+    """``organ``'s voxels in ``label`` (a label array on ``image``'s grid, z y x). A label of both sides gives
+    the side's half: patient-left is world +x (ITK's LPS), split at the body's centre of mass, which lies on
+    the spine to within a few centimetres while the kidneys lie 4-8 cm either side of it."""
+    roles = {n: role for n, role in label_organs(labels, vocabulary).items() if organ in role.organs}
+    mask = np.isin(label, [labels[n] for n in roles])
+    both = [labels[n] for n, role in roles.items() if role.both_sides]
+    if both:
+        side = next(i for names in BILATERAL.values() for i, o in enumerate(names) if o == organ)  # 0 left, 1 right
+        midline = body_centre(image, modality)[0]
+        size, sp, d = image.GetSize(), image.GetSpacing(), np.array(image.GetDirection()).reshape(3, 3)
+        k, j, i = (np.arange(n, dtype=np.float64).reshape(shape) for n, shape in
+                   ((size[2], (-1, 1, 1)), (size[1], (1, -1, 1)), (size[0], (1, 1, -1))))
+        x = image.GetOrigin()[0] + d[0, 0] * sp[0] * i + d[0, 1] * sp[1] * j + d[0, 2] * sp[2] * k
+        other_side = (x <= midline) if side == 0 else (x > midline)
+        mask &= ~(np.isin(label, both) & other_side)
+    return mask
 
 
 def dataset_organs(labels: dict[str, int], vocab: Vocabulary) -> list[str]:
-    """The vocabulary's organs that the dataset's label names name (synonyms included), in vocabulary order."""
-    named = {o.name for n in labels if (o := vocab.organ_for_label_name(n)) is not None}
+    """The vocabulary's organs that the dataset's labels hold (not counting lesions), in vocabulary order."""
+    named = {o for role in label_organs(labels, vocab).values() if not role.lesion for o in role.organs}
     return [o for o in vocab.names() if o in named]
 
 

@@ -17,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .card import format_mm, write_markdown
-from .data import organ_label_values, read_dataset, read_label, z_ranges
+from .data import lesions_counted, organ_label_values, organ_mask, read_dataset, read_label, z_ranges
 from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
 from .outputs import staging
 from .proposals import CONSENSUS_MIN_AGREEMENT
-from .volume import read_scan
+from .volume import guess_modality, read_scan
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,8 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     organs = [o for o in card.get("organs", []) if organ_label_values(info.labels, engine.vocabulary, o)]
     if not organs:
         raise InputError(f"{dataset}: its labels name none of the model's organs ({', '.join(card.get('organs', []))}).")
+    for lesion, hosts in lesions_counted(info.labels, engine.vocabulary).items():
+        log.info("label %r counted as part of %s (a lesion lies in its organ)", lesion, " and ".join(hosts))
     rows: list[OrganScore] = []
     regions: dict[str, str] = {}
     worst: dict[str, tuple] = {}  # organ -> (ranked-first Dice, consensus Dice, case, slice panel), lowest case
@@ -158,9 +160,10 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                 else:
                     regions[entry.name] = "whole scan (not used in training)"
                 sp = tuple(scan.image.GetSpacing()[::-1])
+                scan_modality = modality if modality in ("CT", "MR") else guess_modality(scan)[0]
                 for organ_name in organs:
                     organ = engine.vocabulary[organ_name]
-                    ref = np.isin(label, organ_label_values(info.labels, engine.vocabulary, organ_name)) & keep
+                    ref = organ_mask(label, scan.image, info.labels, engine.vocabulary, organ_name, scan_modality) & keep
                     if not ref.any():
                         bar.update(1)
                         continue

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .data import (BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, prepare_case, read_dataset, unseen_organ_ends,
+from .data import (BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, lesions_counted, prepare_case, read_dataset, unseen_organ_ends,
                    untrainable_organs)
 from .errors import InputError
 from .interrupts import StopRequest, ignore_interrupts_in_worker
@@ -280,6 +280,8 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise InputError(f"--body-scale MIN MAX needs 0.2 <= MIN <= MAX <= 5 (times as large), got {lo:g} {hi:g}.")
     info = read_dataset(cfg.dataset)
     cfg.organs = organs_to_train(cfg, info.labels, vocab)
+    for lesion, hosts in lesions_counted(info.labels, vocab).items():
+        log.info("label %r counted as part of %s (a lesion lies in its organ)", lesion, " and ".join(hosts))
     # Before the grid: a model to fine-tune brings its own grid.
     init = _load_init(cfg) if cfg.init_from else None
     grid = GridSpec(tuple(cfg.grid_spacing), (cfg.grid_size, cfg.grid_size))
