@@ -64,6 +64,17 @@ def test_without_a_training_list_images_and_labels_pair_by_file_name(tmp_path, t
         [("case_001", "case_001.nii.gz"), ("unlabelled", None)]
 
 
+def test_nnunet_s_channel_files_come_before_a_training_list(tmp_path, tiny_dataset, ct_path):
+    """nnU-Net v1 lists "./imagesTr/CASE.nii.gz" for the file CASE_0000.nii.gz, and ../shared/data lists the
+    file itself: either way the case is CASE, the name its held-out slab is recorded under in the model card."""
+    ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
+    meta = json.loads((ds / "dataset.json").read_text(encoding="utf-8"))
+    meta["training"] = [{"image": "./imagesTr/case_001.nii.gz", "label": "./labelsTr/case_001.nii.gz"}]
+    (ds / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert [(c.name, c.image.name) for c in read_dataset(ds).cases] == [("case_001", "case_001_0000.nii.gz")]
+    assert [c.name for c in read_dataset(ct_path.parents[1]).cases] == ["tsct_001"]
+
+
 @pytest.mark.parametrize("change,needle", [
     (lambda m: m["training"].append({"image": "./imagesTr/spleen_2.nii.gz", "label": "./labelsTr/spleen_2.nii.gz"}),
      "names imagesTr/spleen_2.nii.gz, which is not there"),

@@ -44,9 +44,9 @@ class DatasetInfo:
 def read_dataset(root: str | os.PathLike) -> DatasetInfo:
     """Parse ``dataset.json`` (nnU-Net v2 ``labels: {name: value}`` or MSD ``{value: name}``) and find the cases.
 
-    Cases, in this order of precedence: MSD's ``"training"`` list of ``{"image", "label"}`` paths (the Medical
-    Segmentation Decathlon's tasks, AMOS, MONAI's BTCV, whose files are not named ``CASE_0000``); else nnU-Net's
-    ``imagesTr/CASE_0000.nii.gz`` with ``labelsTr/CASE.nii.gz``; else images and labels of the same file name.
+    Cases, in this order of precedence: nnU-Net's ``imagesTr/CASE_0000.nii.gz`` with ``labelsTr/CASE.nii.gz``;
+    else MSD's ``"training"`` list of ``{"image", "label"}`` paths (the Medical Segmentation Decathlon's tasks,
+    AMOS, MONAI's BTCV, whose files are not named ``CASE_0000``); else images and labels of one file name.
     ``root`` is the dataset's folder or its JSON file, when that is not named dataset.json."""
     r = Path(root)
     meta_path = r / "dataset.json"
@@ -81,8 +81,7 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
     if chans:
         first = str(list(chans.values())[0]).upper()
         modality = "CT" if "CT" in first else ("MR" if first.startswith("MR") or "T1" in first or "T2" in first else None)
-    listed = meta.get("training")
-    cases = _listed_cases(r, meta_path, listed) if isinstance(listed, list) and listed else _found_cases(r, meta)
+    cases = _cases(r, meta_path, meta)
     names = [c.name for c in cases]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -117,10 +116,11 @@ def _listed_cases(root: Path, meta_path: Path, listed: list) -> list[CaseEntry]:
     return cases
 
 
-def _found_cases(root: Path, meta: dict) -> list[CaseEntry]:
-    """nnU-Net's ``CASE_0000`` images (the first channel), else images and labels of one file name each.
-    Hidden files are skipped: macOS leaves "._CASE_0000.nii.gz" beside each file it copies, which is no
-    image. nnU-Net v2's "file_ending" says which files are images, when given."""
+def _cases(root: Path, meta_path: Path, meta: dict) -> list[CaseEntry]:
+    """nnU-Net's ``CASE_0000`` images (the first channel; nnU-Net v1 lists them in "training" without the
+    suffix, so these files come first), else MSD's "training" list, else images and labels of one file
+    name each. Hidden files are skipped: macOS leaves "._CASE_0000.nii.gz" beside each file it copies,
+    which is no image. nnU-Net v2's "file_ending" says which files are images, when given."""
     ending = meta.get("file_ending") if isinstance(meta.get("file_ending"), str) else ""
     files = sorted(p for p in (root / "imagesTr").glob("*") if not p.name.startswith(".") and p.is_file()
                    and p.name.endswith(ending) and p.name.lower().endswith(IMAGE_SUFFIXES))
@@ -132,6 +132,9 @@ def _found_cases(root: Path, meta: dict) -> list[CaseEntry]:
             lab = root / "labelsTr" / f"{name}{img.name[len(name) + len('_0000'):]}"
             cases.append(CaseEntry(name, img, lab if lab.is_file() else None))
         return cases
+    listed = meta.get("training")
+    if isinstance(listed, list) and listed:
+        return _listed_cases(root, meta_path, listed)
     for img in files:  # one file name for image and label, as MSD's folders without a "training" list
         lab = root / "labelsTr" / img.name
         cases.append(CaseEntry(_case_name(img), img, lab if lab.is_file() else None))
