@@ -1,6 +1,6 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
 scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py,
-scripts/enhance_dataset_contrast.py, scripts/paint_ct_from_labels.py):
+scripts/enhance_dataset_contrast.py, scripts/paint_ct_from_labels.py, scripts/add_body_fat.py):
 the world geometry must survive, or a held-out slab would move; and the consensus-rule scorer."""
 from __future__ import annotations
 
@@ -90,6 +90,22 @@ def test_body_scaled_scan_is_wider_in_plane_only_with_the_same_voxels():
     xs = lambda im: im.TransformIndexToPhysicalPoint((17, 0, 0))[0] - im.TransformIndexToPhysicalPoint((6, 0, 0))[0]
     img, _ = _image()
     assert abs(abs(xs(sb.scale_in_plane(img, 1.15))) - 1.15 * abs(xs(img))) < 1e-6
+
+
+def test_added_fat_grows_the_body_outward_only_and_leaves_the_inside_alone():
+    bf = _load("add_body_fat")
+    img, _ = _image()
+    fat = bf.add_fat(img, 6.0, np.random.default_rng(0))
+    before, after = sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(fat)
+    assert fat.GetSize() == img.GetSize() and fat.GetOrigin() == img.GetOrigin() and fat.GetPixelID() == img.GetPixelID()
+    body = before > -400
+    assert np.array_equal(after[body], before[body])          # every body voxel (organs included) unchanged
+    ring = (after > -400) & ~body
+    # 6 mm (2 voxels at 3 mm) around the block on its slices, none above or below it (slices are 2D)
+    assert ring[10:20].any() and not ring[:10].any() and not ring[20:].any()
+    assert ring[15, 3, 6:18].all() and not ring[15, 2, 6:18].any()
+    # fat next to the body, skin at the outside (the test image's air has no noise, nor has what is added)
+    assert after[15, 4, 10] == bf.FAT_HU and after[15, 3, 10] == bf.SKIN_HU
 
 
 def test_anatomy_warp_moves_organs_in_plane_only_and_alike_in_scan_and_label():

@@ -7,8 +7,9 @@
 # smooth random B-spline (organs shifted and bent by about 5 mm on average, up to about 10 mm),
 # (7) as thin slices, 0.8 x 0.8 x 1.5 mm with 20 HU of noise per voxel (a routine thin-slice protocol),
 # (8) contrast-enhanced, portal-venous phase, organ by organ from its labels (the scan is unenhanced);
-# (9) with a fatty liver, 40 HU darker than its own (steatosis, in about a quarter of adults); and
-# (10) another person's anatomy: the MR person's labels painted as CT with the CT person's Hounsfield
+# (9) with a fatty liver, 40 HU darker than its own (steatosis, in about a quarter of adults);
+# (10) a heavier body: 40 mm more subcutaneous fat, cut off by the scan's field of view where it reaches it; and
+# (11) another person's anatomy: the MR person's labels painted as CT with the CT person's Hounsfield
 # units (whole scan; docs/evaluation/ct-painted has its control and what it cannot show).
 # Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, the nine before the fatty liver, which takes 2.1 min more;
 # earlier runs took up to 35 min for eight, sharing the CPU).
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/generalisation}
 shift || true
-ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-painted-mr-person"
+ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-painted-mr-person"
 ONLY=${*:-$ALL}
 DATA=../shared/data/ct-abdomen
 CT=Resources/Models/progidiff-ct-abdomen
@@ -34,6 +35,7 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/ct-thin-noisy" ] || $PY scripts/resample_dataset.py $DATA "$RUNS/ct-thin-noisy" --spacing 0.8 0.8 1.5 --noise-hu 20
 [ -d "$RUNS/ct-portal-venous" ] || $PY scripts/enhance_dataset_contrast.py $DATA "$RUNS/ct-portal-venous"
 [ -d "$RUNS/ct-fatty-liver" ] || $PY scripts/enhance_dataset_contrast.py $DATA "$RUNS/ct-fatty-liver" --organ liver=-40
+[ -d "$RUNS/ct-body-fat" ] || $PY scripts/add_body_fat.py $DATA "$RUNS/ct-body-fat" --fat-mm 40
 [ -d "$RUNS/ct-anatomy-warped" ] || $PY scripts/deform_dataset_anatomy.py $DATA "$RUNS/ct-anatomy-warped" --max-mm 20 --spacing-mm 100
 [ -d "$RUNS/ct-painted-mr-person" ] || $PY scripts/paint_ct_from_labels.py ../shared/data/mr-abdomen $DATA "$RUNS/ct-painted-mr-person"
 report_dir() { [ "$1" = ct-painted-mr-person ] && echo docs/evaluation/ct-painted/mr-person || echo "docs/evaluation/$1"; }
@@ -55,8 +57,10 @@ done
   echo "than its grid can show before resampling it, see the README's *Other resolutions*);"
   echo "contrast-enhanced as in a portal-venous phase, each labelled organ raised by a typical gain (aorta +120 HU, kidneys +120,"
   echo "IVC +90, spleen +70, pancreas +60, liver +55, portal vein +130; \`scripts/enhance_dataset_contrast.py\`): the training scan is unenhanced;"
-  echo "with a fatty liver, the liver 40 HU darker than its own 46 HU (steatosis; \`scripts/enhance_dataset_contrast.py --organ liver=-40\`)."
-  echo "One person: these nine measure robustness to acquisition, body size and a smooth warp of the same anatomy, not to another person's anatomy (organ shapes, pathology)."
+  echo "with a fatty liver, the liver 40 HU darker than its own 46 HU (steatosis; \`scripts/enhance_dataset_contrast.py --organ liver=-40\`);"
+  echo "a heavier body of the same build: 40 mm more subcutaneous fat (-100 HU under a 2 mm skin, with the scan's own noise), the organs unchanged,"
+  echo "the body cut off where it now reaches the scan's 366 × 303 mm field of view (\`scripts/add_body_fat.py\`)."
+  echo "One person: these ten measure robustness to acquisition, body size and a smooth warp of the same anatomy, not to another person's anatomy (organ shapes, pathology)."
   echo "The last row is the nearest to that here: the MR person's labels painted as CT with the CT person's Hounsfield units, whole scan (60 mm of upper abdomen;"
   echo "\`scripts/paint_ct_from_labels.py\`). A painted scan has no gas, contents, ribs or texture, and its borders are its labels':"
   echo "[ct-painted](ct-painted/README.md) has the CT person painted the same way as a control, three seeds and what it cannot show."
@@ -67,6 +71,7 @@ done
       "body 1.15× as wide=docs/evaluation/ct-body-wide" "anatomy warped in-plane=docs/evaluation/ct-anatomy-warped" \
       "0.8 × 0.8 × 1.5 mm slices + 20 HU noise=docs/evaluation/ct-thin-noisy" \
       "contrast-enhanced (portal-venous)=docs/evaluation/ct-portal-venous" "fatty liver (40 HU darker)=docs/evaluation/ct-fatty-liver" \
+      "40 mm more subcutaneous fat=docs/evaluation/ct-body-fat" \
       "another person's anatomy, painted as CT (whole scan)=docs/evaluation/ct-painted/mr-person"
   done
 } > docs/evaluation/ct-generalisation.md

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Copy an nnU-Net-style CT dataset with a thicker layer of subcutaneous fat: each axial slice's
+body grows outward by up to --fat-mm of fat (-100 HU, the scan's own noise added), under a 2 mm
+skin. The organs and their labels stay voxel for voxel; the scan keeps its size, so where the body
+now reaches the edge of the reconstructed field of view it is cut off there, as a large person's
+body often is. That is what a heavier person of the same build looks like on CT: the abdomen's
+girth is mostly fat outside the muscle wall, the organs do not grow with it (the body-scaled copies
+of scale_dataset_body.py grow the organs too).
+
+example:
+  python scripts/add_body_fat.py ../shared/data/ct-abdomen /tmp/ct-body-fat --fat-mm 40
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dataset_copy import copy_dataset  # noqa: E402
+
+#: Subcutaneous fat and skin (HU), typical values.
+FAT_HU, SKIN_HU, SKIN_MM = -100.0, 30.0, 2.0
+#: A voxel above this is body (or table); below it, air.
+BODY_HU = -400.0
+
+
+def body_outline(slice_hu: np.ndarray) -> np.ndarray:
+    """The slice's body: its largest connected region above BODY_HU (the table, apart from it, is
+    left out), holes (bowel gas, lungs) filled."""
+    regions, n = ndimage.label(slice_hu > BODY_HU)
+    if n == 0:
+        return np.zeros(slice_hu.shape, bool)
+    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(regions), regions, index=range(1, n + 1))))
+    return ndimage.binary_fill_holes(regions == largest)
+
+
+def add_fat(image: sitk.Image, fat_mm: float, rng: np.random.Generator) -> sitk.Image:
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    if int(np.argmax(np.abs(d[2, :]))) != 2:
+        raise SystemExit("add_body_fat: the scan's slices are not its third axis (an axial stack); reorient it first")
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    sx, sy = image.GetSpacing()[:2]
+    # the scan's own noise, from the air outside the body (its spread, robustly)
+    air = arr[arr < -900]
+    noise = float(1.4826 * np.median(np.abs(air - np.median(air)))) if air.size > 100 else 10.0
+    for k in range(arr.shape[0]):
+        body = body_outline(arr[k])
+        if not body.any():
+            continue
+        dist = ndimage.distance_transform_edt(~body, sampling=(sy, sx))
+        grown = (dist > 0) & (dist <= fat_mm)
+        skin = grown & (dist > fat_mm - SKIN_MM)
+        fat = grown & ~skin
+        # the noise correlated over about a voxel, as a reconstruction kernel leaves it, at the scan's spread
+        grain = ndimage.gaussian_filter(rng.normal(0.0, 1.0, arr[k].shape), 0.7)
+        grain *= noise / grain.std()
+        arr[k][fat] = FAT_HU + grain[fat]
+        arr[k][skin] = SKIN_HU + grain[skin]
+    out = sitk.GetImageFromArray(np.round(arr).astype(sitk.GetArrayViewFromImage(image).dtype))
+    out.CopyInformation(image)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset")
+    p.add_argument("output")
+    p.add_argument("--fat-mm", type=float, default=40.0, help="fat added outside the body's outline, mm (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if not 5.0 <= a.fat_mm <= 150.0:
+        p.error(f"--fat-mm {a.fat_mm} is outside 5-150 mm")
+    rng = np.random.default_rng(a.seed)
+    src, dst = Path(a.dataset), Path(a.output)
+    copy_dataset(src, dst, lambda image, label: image if label else add_fat(image, a.fat_mm, rng))
+    print(f"dataset with {a.fat_mm:g} mm more subcutaneous fat written to {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
