@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -16,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .prompts import Vocabulary
+from .prompts import Vocabulary, label_key
 from .volume import (CT_WINDOW, IMAGE_SUFFIXES, GridSpec, _check_complete, _first_line, body_axis_coords, body_centre,
                      body_slices, context_slices, guess_modality, label_to_model_grid, on_model_grid, read_scan)
 
@@ -247,16 +246,12 @@ LESION_WORDS = {"tumor", "tumour", "tumors", "tumours", "cancer", "lesion", "les
                 "metastasis", "metastases", "cyst", "cysts"}
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
-
-
 def _organs_named(name: str, vocabulary: Vocabulary) -> tuple[str, ...]:
     """The organs a label name names: a vocabulary name or synonym, a public dataset's alias, or both sides."""
     known = set(vocabulary.names())
     if (o := vocabulary.organ_for_label_name(name)) is not None:
         return (o.name,)
-    key = _norm(name)
+    key = label_key(name)
     return tuple(o for o in ((DATASET_LABEL_ALIASES[key],) if key in DATASET_LABEL_ALIASES else BILATERAL.get(key, ()))
                  if o in known)
 
@@ -273,11 +268,11 @@ def label_organs(labels: dict[str, int], vocabulary: Vocabulary) -> dict[str, La
     A lesion counts for its organ only where the dataset labels that organ too: an unqualified "cancer"
     for the organ of the dataset's one organ label (MSD's tasks; KiTS's "tumor" for its "kidney", both
     sides), "liver tumor" for the liver."""
-    out = {n: LabelRole(_organs_named(n, vocabulary), False, _norm(n) in BILATERAL) for n in labels}
+    out = {n: LabelRole(_organs_named(n, vocabulary), False, label_key(n) in BILATERAL) for n in labels}
     hosts = [role for role in out.values() if role.organs]
     named = {o for role in hosts for o in role.organs}
     for n in labels:
-        words = _norm(n).split()
+        words = label_key(n).split()
         if out[n].organs or not words or words[-1] not in LESION_WORDS:
             continue
         if len(words) > 1:

@@ -28,9 +28,15 @@ log = logging.getLogger(__name__)
 #: Below this cosine similarity a prompt is refused. Chosen from the vocabulary:
 #: "hepatic"/"kidney left"/"IVC" resolve at >= 0.8, "brain"/"tumor"/"heart" stay < 0.6.
 SIMILARITY_THRESHOLD = 0.72
+
 #: Two different organs within this margin make a prompt ambiguous ("kidney": left 0.86 vs right 0.82).
 AMBIGUITY_MARGIN = 0.06
 MAX_PROMPT_CHARS = 200
+
+
+def label_key(text: str) -> str:
+    """A label name as compared: lower case, underscores and hyphens as spaces, single spaces."""
+    return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
 
 
 @dataclass(frozen=True)
@@ -106,12 +112,9 @@ class Vocabulary:
         """The organ a dataset's label name names: its name, label names or a synonym, whatever the case,
         underscores and hyphens (TotalSegmentator's ``kidney_left``, BTCV's ``left kidney``, FLARE's
         ``Left kidney``, ``Gall-bladder``). Whole names only: ``hepatic vessel`` is not the liver."""
-        def norm(text: str) -> str:
-            return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
-
-        key = norm(label_name)
+        key = label_key(label_name)
         for o in self.organs:
-            if key in {norm(x) for x in (*o.labels, *o.phrases)}:
+            if key in {label_key(x) for x in (*o.labels, *o.phrases)}:
                 return o
         return None
 

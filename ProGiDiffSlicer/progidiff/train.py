@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .data import (BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, lesions_counted, prepare_case, read_dataset, unseen_organ_ends,
-                   untrainable_organs)
+from .data import (BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, lesions_counted, prepare_case, read_dataset,
+                   unseen_organ_ends, untrainable_organs)
 from .errors import InputError
 from .interrupts import StopRequest, ignore_interrupts_in_worker
 from .model import ProGiDiffModel, small_unet_config
