@@ -166,3 +166,22 @@ def test_evaluate_scores_a_public_layout_as_it_scores_the_nnunet_copy(tmp_path, 
             for d, name in ((tiny_dataset, "nnunet"), (ds, "msd"))]
     scores = [{c["organ"]: (c["ranked_first"]["dice"], c["consensus"]["dice"]) for c in r["cases"]} for r in runs]
     assert set(scores[0]) == {"liver", "kidney_left"} and scores[0] == scores[1]
+
+
+def test_train_prepares_the_same_masks_from_the_public_layout(tmp_path, tiny_dataset):
+    """What train learns from: both kidneys from one two-sided label, and the liver with its tumour."""
+    from progidiff.data import prepare_case
+    from progidiff.volume import GridSpec
+
+    labels = _labels(tiny_dataset)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_dataset / "labelsTr" / "case_001.nii.gz")))
+    changed = np.where(arr == labels["kidney_right"], labels["kidney_left"], arr)
+    changed[(arr == labels["liver"]) & (np.arange(arr.shape[0]) % 4 == 0)[:, None, None]] = 90
+    public = {"background": 0, "liver": labels["liver"], "liver cancer": 90, "kidney": labels["kidney_left"]}
+    ds = _msd_copy(tiny_dataset, tmp_path / "Task00", labels=public, label_array=changed.astype(arr.dtype))
+    vocab, grid, organs = Vocabulary.load(), GridSpec((12.0, 12.0, 10.0), (32, 32)), ["liver", "kidney_left", "kidney_right"]
+    nnunet, msd = (prepare_case(read_dataset(d).cases[0], read_dataset(d).labels, vocab, grid, organs, "CT")
+                   for d in (tiny_dataset, ds))
+    assert set(msd.masks) == set(organs)
+    for organ in organs:
+        assert msd.masks[organ].any() and np.array_equal(msd.masks[organ], nnunet.masks[organ])
