@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from progidiff.data import dataset_organs, lesions_counted, organ_label_values, organ_mask, read_dataset
+from progidiff.datasets import read_dataset
+from progidiff.label_names import dataset_organs, lesions_counted, organ_label_values, organ_mask
 from progidiff.errors import InputError
 from progidiff.prompts import Vocabulary
 

@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import SliceDataset, dataset_organs, prepare_case, read_dataset
+from .data import SliceDataset, prepare_case
+from .datasets import read_dataset
 from .errors import InputError, ModelError
+from .label_names import dataset_organs
 from .model import WEIGHTS_NAME, ProGiDiffModel, sha256
 from .outputs import check_output_dir, staging, write_errors_as_os_errors
 from .prompts import Vocabulary

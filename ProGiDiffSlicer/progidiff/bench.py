@@ -209,7 +209,9 @@ def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
     """Ranked-first Dice on the held-out slab against the number of DPM-Solver++ steps."""
     import SimpleITK as sitk
 
-    from .data import organ_mask, read_dataset, read_label, z_ranges
+    from .data import z_ranges
+    from .datasets import read_dataset, read_label
+    from .label_names import organ_mask
     from .evaluate import dice_hd95, slab_mask
 
     info = read_dataset(dataset)

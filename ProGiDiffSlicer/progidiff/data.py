@@ -1,193 +1,26 @@
-"""Datasets in the nnU-Net / MSD convention, prepared on the model grid, and the
-training-slice pipeline (balanced sampling + MONAI dictionary augmentation).
+"""Labelled cases prepared on the model grid, and the training-slice pipeline (balanced sampling +
+MONAI dictionary augmentation). Reading datasets from disk: datasets.py; what label names hold:
+label_names.py (both re-exported here).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .datasets import CaseEntry, DatasetInfo, grid_mismatch, read_dataset, read_label  # noqa: F401 (re-exported)
 from .errors import InputError
-from .prompts import Vocabulary, label_key
-from .volume import (CT_WINDOW, IMAGE_SUFFIXES, GridSpec, _check_complete, _first_line, body_axis_coords, body_centre,
-                     body_slices, context_slices, guess_modality, label_to_model_grid, on_model_grid, read_scan)
+from .label_names import (dataset_organs, label_organs, lesions_counted, organ_label_values,  # noqa: F401 (re-exported)
+                          organ_mask)
+from .prompts import Vocabulary
+from .volume import (CT_WINDOW, GridSpec, body_axis_coords, body_slices, context_slices, guess_modality,
+                     label_to_model_grid, on_model_grid, read_scan)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CaseEntry:
-    name: str
-    image: Path
-    label: Path | None
-
-
-@dataclass
-class DatasetInfo:
-    root: Path
-    labels: dict[str, int]
-    modality: str | None
-    cases: list[CaseEntry]
-    #: dataset.json's "description": what the data is (evaluate's report and the model card repeat it, so that
-    #: numbers measured on a simulated dataset say so wherever they are shown)
-    description: str = ""
-
-
-def read_dataset(root: str | os.PathLike) -> DatasetInfo:
-    """Parse ``dataset.json`` (nnU-Net v2 ``labels: {name: value}`` or MSD ``{value: name}``) and find the cases.
-
-    Cases, in this order of precedence: nnU-Net's ``imagesTr/CASE_0000.nii.gz`` with ``labelsTr/CASE.nii.gz``;
-    else MSD's ``"training"`` list of ``{"image", "label"}`` paths (the Medical Segmentation Decathlon's tasks,
-    AMOS, MONAI's BTCV, whose files are not named ``CASE_0000``); else images and labels of one file name.
-    ``root`` is the dataset's folder or its JSON file, when that is not named dataset.json."""
-    r = Path(root)
-    meta_path = r / "dataset.json"
-    if r.suffix.lower() == ".json" and r.is_file():  # a dataset file of another name: MONAI's BTCV "dataset_0.json"
-        r, meta_path = r.parent, r
-    if not meta_path.is_file():
-        raise InputError(f"{r}: no dataset.json; a dataset folder holds imagesTr/, labelsTr/ and dataset.json (nnU-Net convention).")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{meta_path}: is not valid JSON ({exc}).") from exc
-    raw = meta.get("labels") if isinstance(meta, dict) else None
-    if not isinstance(raw, dict) or not raw:
-        raise InputError(f'{meta_path}: needs "labels", label names to values, e.g. {{"background": 0, "liver": 1}} '
-                         '(nnU-Net) or {"0": "background", "1": "liver"} (MSD).')
-    labels: dict[str, int] = {}
-    for k, v in raw.items():
-        if isinstance(v, list) and len(v) > 1:
-            # nnU-Net's region labels ("kidney": [1, 2, 3]) overlap by design; taking one of the values would
-            # silently score part of the organ as background.
-            raise InputError(f'{meta_path}: label "{k}" is a region of several values {json.dumps(v)}; ProGiDiff reads '
-                             "one value per label: list each class once, as nnU-Net's non-region datasets do.")
-        try:
-            if isinstance(v, str) and str(k).lstrip("-").isdigit():
-                labels[v] = int(k)  # MSD: {"1": "liver"}
-            else:
-                labels[str(k)] = int(v if not isinstance(v, list) else v[0])
-        except (TypeError, ValueError, IndexError):
-            raise InputError(f'{meta_path}: label "{k}" has the value {json.dumps(v)}; a label value is an integer.') from None
-    chans = meta.get("channel_names") or meta.get("modality") or {}
-    modality = None
-    if chans:
-        first = str(list(chans.values())[0]).upper()
-        modality = "CT" if "CT" in first else ("MR" if first.startswith("MR") or "T1" in first or "T2" in first else None)
-    cases = _cases(r, meta_path, meta)
-    names = [c.name for c in cases]
-    if len(set(names)) < len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise InputError(f"{meta_path}: two cases are named {twice[0]}; held-out cases and slabs are kept by name, so "
-                         "each case needs a name of its own.")
-    description = meta.get("description") if isinstance(meta.get("description"), str) else ""
-    return DatasetInfo(r, labels, modality, cases, " ".join(description.split()))
-
-
-def _case_name(path: Path) -> str:
-    name = path.name
-    for ending in IMAGE_SUFFIXES:
-        if name.lower().endswith(ending):
-            return name[: -len(ending)]
-    return path.stem
-
-
-def _listed_cases(root: Path, meta_path: Path, listed: list) -> list[CaseEntry]:
-    """MSD's ``"training": [{"image": "./imagesTr/spleen_19.nii.gz", "label": "./labelsTr/spleen_19.nii.gz"}]``.
-    A listed file that is not there is a broken dataset: refused, naming it, rather than trained without."""
-    cases = []
-    for item in listed:
-        image = item.get("image") if isinstance(item, dict) else None
-        if not isinstance(image, str) or not image:
-            raise InputError(f'{meta_path}: each "training" entry is {{"image": PATH, "label": PATH}}; one is {json.dumps(item)[:80]}.')
-        label = item.get("label")
-        paths = [root / image] + ([root / label] if isinstance(label, str) and label else [])
-        for path in paths:
-            if not path.is_file():
-                raise InputError(f'{meta_path}: its "training" list names {os.path.relpath(path, root)}, which is not there.')
-        cases.append(CaseEntry(_case_name(paths[0]), paths[0], paths[1] if len(paths) > 1 else None))
-    return cases
-
-
-def _cases(root: Path, meta_path: Path, meta: dict) -> list[CaseEntry]:
-    """nnU-Net's ``CASE_0000`` images (the first channel; nnU-Net v1 lists them in "training" without the
-    suffix, so these files come first), else MSD's "training" list, else images and labels of one file
-    name each. Hidden files are skipped: macOS leaves "._CASE_0000.nii.gz" beside each file it copies,
-    which is no image. nnU-Net v2's "file_ending" says which files are images, when given."""
-    ending = meta.get("file_ending") if isinstance(meta.get("file_ending"), str) else ""
-    files = sorted(p for p in (root / "imagesTr").glob("*") if not p.name.startswith(".") and p.is_file()
-                   and p.name.endswith(ending) and p.name.lower().endswith(IMAGE_SUFFIXES))
-    channel0 = [p for p in files if "_0000." in p.name]
-    cases = []
-    if channel0:
-        for img in channel0:
-            name = img.name.split("_0000.")[0]
-            lab = root / "labelsTr" / f"{name}{img.name[len(name) + len('_0000'):]}"
-            cases.append(CaseEntry(name, img, lab if lab.is_file() else None))
-        return cases
-    listed = meta.get("training")
-    if isinstance(listed, list) and listed:
-        return _listed_cases(root, meta_path, listed)
-    for img in files:  # one file name for image and label, as MSD's folders without a "training" list
-        lab = root / "labelsTr" / img.name
-        cases.append(CaseEntry(_case_name(img), img, lab if lab.is_file() else None))
-    if not cases:
-        raise InputError(f"{root / 'imagesTr'}: no images (CASE_0000{ending or '.nii.gz'} as nnU-Net names them, or "
-                         'listed in dataset.json\'s "training" as MSD does).')
-    return cases
-
-
-def read_label(entry: CaseEntry, image: sitk.Image) -> sitk.Image:
-    """The case's label map, refused unless it lies on the grid of ``image`` (its scan, as read):
-    the nnU-Net convention, and what every voxel-wise use of it assumes. A label cropped or shifted
-    against its scan would otherwise train or score background where the organ is."""
-    assert entry.label is not None
-    _check_complete(entry.label)  # ITK pads a truncated NIfTI with zeros: background where organs were
-    try:
-        label = sitk.ReadImage(str(entry.label))
-    except RuntimeError as exc:
-        raise InputError(f"{entry.label}: cannot be read as a label map ({_first_line(exc)}).") from exc
-    if label.GetDimension() == 4 and label.GetSize()[3] == 1:
-        label = label[:, :, :, 0]
-    if label.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{entry.label}: a label map has one value per voxel, this one {label.GetNumberOfComponentsPerPixel()}.")
-    problem = grid_mismatch(label, image)
-    if problem and label.GetDimension() == 3:
-        # The same grid stored in another axis order (one file reoriented, e.g. to RAS): permuting and
-        # flipping the label's axes is exact, no resampling.
-        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-        turned = sitk.DICOMOrient(label, orientation)
-        if grid_mismatch(turned, image) is None:
-            log.info("%s: stored in another axis order than its image; reoriented to %s", entry.label, orientation)
-            label, problem = turned, None
-    if problem:
-        raise InputError(f"{entry.label}: {problem} of its image {entry.image.name}; a label map must lie on its image's "
-                         "grid (nnU-Net convention): resample it onto the image first.")
-    return label
-
-
-def grid_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
-    """How ``image``'s grid differs from ``reference``'s, or None. The tolerances (origin within a
-    hundredth of a voxel, spacing within 1e-4 of itself, direction within 1e-4) absorb the float32
-    rounding of NIfTI headers and of tools that rewrite them, not a shift that moves a mask."""
-    size, ref_size = image.GetSize(), reference.GetSize()
-    if size != ref_size:
-        return f"its size {'x'.join(map(str, size))} is not the {'x'.join(map(str, ref_size))}"
-    spacing = np.array(reference.GetSpacing())
-    if not np.allclose(image.GetSpacing(), spacing, rtol=1e-4, atol=0.0):
-        return f"its spacing {tuple(round(s, 4) for s in image.GetSpacing())} mm is not the {tuple(round(s, 4) for s in spacing)} mm"
-    if np.abs(np.subtract(image.GetOrigin(), reference.GetOrigin())).max() > 1e-2 * spacing.min():
-        return (f"its origin {tuple(round(s, 2) for s in image.GetOrigin())} mm is not the "
-                f"{tuple(round(s, 2) for s in reference.GetOrigin())} mm")
-    if not np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-4):
-        return "its direction (orientation) is not the one"
-    return None
 
 
 @dataclass
@@ -229,99 +62,6 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
     size = scan.image.GetSize()
     scan_z = np.array([scan.image.TransformIndexToPhysicalPoint((size[0] // 2, size[1] // 2, k))[2] for k in range(size[2])])
     return PreparedCase(entry.name, mod, image, masks, z0 + sz * np.arange(nz), ref, scan_z, body_axis_coords(image))
-
-
-#: Label names of public datasets that are neither a name nor a synonym of the vocabulary's organs.
-DATASET_LABEL_ALIASES = {
-    "rkid": "kidney_right", "lkid": "kidney_left", "gall": "gallbladder", "sto": "stomach",  # MONAI's BTCV dataset_0.json
-    "postcava": "inferior_vena_cava", "arota": "aorta",  # AMOS 2022's dataset.json (its spelling of the aorta)
-}
-#: One label for both sides (AbdomenCT-1K's and KiTS's "kidney"): split at the body's midline into the
-#: vocabulary's left and right organ (organ_mask).
-BILATERAL = {"kidney": ("kidney_left", "kidney_right"), "kidneys": ("kidney_left", "kidney_right")}
-#: A label with one of these as its last word is a lesion ("cancer" in MSD's liver and pancreas tasks, "liver
-#: tumor"). It lies in its organ, and an organ's segmentation (volumetry, the Segment Editor's) holds its lesions,
-#: so its voxels are the organ's; left out, they would teach the model holes where tumours are.
-LESION_WORDS = {"tumor", "tumour", "tumors", "tumours", "cancer", "lesion", "lesions", "mass", "masses",
-                "metastasis", "metastases", "cyst", "cysts"}
-
-
-def _organs_named(name: str, vocabulary: Vocabulary) -> tuple[str, ...]:
-    """The organs a label name names: a vocabulary name or synonym, a public dataset's alias, or both sides."""
-    known = set(vocabulary.names())
-    if (o := vocabulary.organ_for_label_name(name)) is not None:
-        return (o.name,)
-    key = label_key(name)
-    return tuple(o for o in ((DATASET_LABEL_ALIASES[key],) if key in DATASET_LABEL_ALIASES else BILATERAL.get(key, ()))
-                 if o in known)
-
-
-class LabelRole(NamedTuple):
-    organs: tuple[str, ...]  # the organs whose voxels the label holds
-    lesion: bool             # a lesion of them
-    both_sides: bool         # one label for a left and a right organ: organ_mask splits it
-
-
-def label_organs(labels: dict[str, int], vocabulary: Vocabulary) -> dict[str, LabelRole]:
-    """For each label name, what it holds (LabelRole).
-
-    A lesion counts for its organ only where the dataset labels that organ too: an unqualified "cancer"
-    for the organ of the dataset's one organ label (MSD's tasks; KiTS's "tumor" for its "kidney", both
-    sides), "liver tumor" for the liver."""
-    out = {n: LabelRole(_organs_named(n, vocabulary), False, label_key(n) in BILATERAL) for n in labels}
-    hosts = [role for role in out.values() if role.organs]
-    named = {o for role in hosts for o in role.organs}
-    for n in labels:
-        words = label_key(n).split()
-        if out[n].organs or not words or words[-1] not in LESION_WORDS:
-            continue
-        if len(words) > 1:
-            rest = " ".join(words[:-1])
-            host = LabelRole(_organs_named(rest, vocabulary), True, rest in BILATERAL)
-        else:
-            host = hosts[0] if len(hosts) == 1 else LabelRole((), True, False)
-        out[n] = LabelRole(tuple(o for o in host.organs if o in named), True, host.both_sides)
-    return out
-
-
-def organ_label_values(labels: dict[str, int], vocabulary: Vocabulary, organ: str) -> list[int]:
-    """The dataset's label values that hold ``organ`` (a vocabulary name): its names, synonyms and aliases
-    (two names may name one organ), a label of both sides, and its lesions (label_organs)."""
-    return [labels[n] for n, role in label_organs(labels, vocabulary).items() if organ in role.organs]
-
-
-def lesions_counted(labels: dict[str, int], vocabulary: Vocabulary) -> dict[str, tuple[str, ...]]:
-    """Lesion labels whose voxels count as their organ's, for the log: train and evaluate say so."""
-    return {n: role.organs for n, role in label_organs(labels, vocabulary).items() if role.lesion and role.organs}
-
-
-def organ_mask(label: np.ndarray, image: sitk.Image, labels: dict[str, int], vocabulary: Vocabulary, organ: str,
-               modality: str) -> np.ndarray:
-    """``organ``'s voxels in ``label`` (a label array on ``image``'s grid, z y x). A label of both sides gives
-    the side's half: patient-left is world +x (ITK's LPS), split at the body's centre of mass, which lies on
-    the spine to within a few centimetres while the kidneys lie 4-8 cm either side of it."""
-    roles = {n: role for n, role in label_organs(labels, vocabulary).items() if organ in role.organs}
-    mask = np.isin(label, [labels[n] for n in roles])
-    both = [labels[n] for n, role in roles.items() if role.both_sides]
-    if both:
-        side = next(i for names in BILATERAL.values() for i, o in enumerate(names) if o == organ)  # 0 left, 1 right
-        midline = body_centre(image, modality)[0]
-        size, sp, d = image.GetSize(), image.GetSpacing(), np.array(image.GetDirection()).reshape(3, 3)
-        # world x of the voxels of slice 0 (y, x), then slice by slice: a full-volume array of
-        # coordinates would be 2 GB for a 512 x 512 x 987 liver CT (MSD's largest)
-        x0 = (image.GetOrigin()[0] + d[0, 0] * sp[0] * np.arange(size[0])[None, :]
-              + d[0, 1] * sp[1] * np.arange(size[1])[:, None])
-        two_sided = np.isin(label, both)
-        for k in np.nonzero(two_sided.any(axis=(1, 2)))[0]:
-            x = x0 + d[0, 2] * sp[2] * k
-            mask[k] &= ~(two_sided[k] & ((x <= midline) if side == 0 else (x > midline)))
-    return mask
-
-
-def dataset_organs(labels: dict[str, int], vocab: Vocabulary) -> list[str]:
-    """The vocabulary's organs that the dataset's labels hold (not counting lesions), in vocabulary order."""
-    named = {o for role in label_organs(labels, vocab).values() if not role.lesion for o in role.organs}
-    return [o for o in vocab.names() if o in named]
 
 
 def training_slices(case: PreparedCase, exclude_z: dict[str, list] | None = None) -> np.ndarray:

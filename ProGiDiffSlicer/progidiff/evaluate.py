@@ -17,9 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .card import format_mm, write_markdown
-from .data import lesions_counted, organ_label_values, organ_mask, read_dataset, read_label, z_ranges
+from .data import z_ranges
+from .datasets import read_dataset, read_label
 from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
+from .label_names import lesions_counted, organ_label_values, organ_mask
 from .outputs import staging
 from .proposals import CONSENSUS_MIN_AGREEMENT
 from .volume import guess_modality, read_scan

@@ -21,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .data import (BODY_SCALE, PreparedCase, SliceDataset, dataset_organs, lesions_counted, prepare_case, read_dataset,
-                   unseen_organ_ends, untrainable_organs)
+from .data import BODY_SCALE, PreparedCase, SliceDataset, prepare_case, unseen_organ_ends, untrainable_organs
+from .datasets import read_dataset
 from .errors import InputError
+from .label_names import dataset_organs, lesions_counted
 from .interrupts import StopRequest, ignore_interrupts_in_worker
 from .model import ProGiDiffModel, small_unet_config
 from .outputs import check_output_dir
