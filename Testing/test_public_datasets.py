@@ -186,3 +186,66 @@ def test_train_prepares_the_same_masks_from_the_public_layout(tmp_path, tiny_dat
     assert set(msd.masks) == set(organs)
     for organ in organs:
         assert msd.masks[organ].any() and np.array_equal(msd.masks[organ], nnunet.masks[organ])
+
+
+def _totalsegmentator_copy(src, dst, cases: dict[str, str]) -> None:
+    """``src``'s one case as the TotalSegmentator dataset lays a case out (ct.nii.gz, one mask file per
+    structure, every structure's file even where it is empty), under each name of ``cases`` (name ->
+    split in meta.csv); a case named "head" has the scan but no abdominal organ."""
+    labels = _labels(src)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(src / "labelsTr" / "case_001.nii.gz")))
+    ref = sitk.ReadImage(str(src / "labelsTr" / "case_001.nii.gz"))
+    dst.mkdir()
+    for name in cases:
+        (dst / name / "segmentations").mkdir(parents=True)
+        shutil.copy(src / "imagesTr" / "case_001_0000.nii.gz", dst / name / "ct.nii.gz")
+        for structure in ("liver", "spleen", "kidney_left", "kidney_right", "vertebrae_L1", "brain"):
+            value = labels.get(structure, -1)
+            mask = sitk.GetImageFromArray(((arr == value) & (name != "head")).astype(np.uint8))
+            mask.CopyInformation(ref)
+            sitk.WriteImage(mask, str(dst / name / "segmentations" / f"{structure}.nii.gz"))
+    (dst / "meta.csv").write_text("image_id;age;gender;institute;study_type;split\n"
+                                  + "".join(f"{n};60;m;A;ct abdomen;{s}\n" for n, s in cases.items()), encoding="utf-8")
+
+
+def test_the_totalsegmentator_dataset_is_read_as_it_is_downloaded(tmp_path, tiny_dataset):
+    ds = tmp_path / "Totalsegmentator_dataset_v201"
+    _totalsegmentator_copy(tiny_dataset, ds, {"s0001": "train", "s0002": "test"})
+    (ds / "s0003").mkdir()  # a folder without a scan is no case
+    info = read_dataset(ds)
+    assert [(c.name, c.image.name, c.label.name, c.split) for c in info.cases] == \
+        [("s0001", "ct.nii.gz", "segmentations", "train"), ("s0002", "ct.nii.gz", "segmentations", "test")]
+    assert info.modality == "CT" and dataset_organs(info.labels, Vocabulary.load()) == \
+        ["liver", "spleen", "kidney_left", "kidney_right"]
+    # the masks painted into a label map: the same voxels as the nnU-Net copy's, only the values asked for read
+    from progidiff.datasets import read_label
+
+    image = sitk.ReadImage(str(info.cases[0].image))
+    liver, kidney = info.labels["liver"], info.labels["kidney_left"]
+    painted = sitk.GetArrayFromImage(read_label(info.cases[0], image, info.labels, [liver]))
+    original = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_dataset / "labelsTr" / "case_001.nii.gz")))
+    assert np.array_equal(painted == liver, original == _labels(tiny_dataset)["liver"]) and not (painted == kidney).any()
+
+
+def test_evaluate_scores_a_totalsegmentator_split_as_the_nnunet_copy(tmp_path, tiny_dataset, tiny_model, capsys):
+    from progidiff.cli import main
+    from progidiff.evaluate import evaluate
+
+    ds = tmp_path / "ts"
+    _totalsegmentator_copy(tiny_dataset, ds, {"head": "test", "s0001": "train", "s0002": "test", "s0003": "test"})
+    nnunet = evaluate(str(tiny_model), str(tiny_dataset), tmp_path / "nnunet", proposals=2, steps=1, device="cpu", baseline=None)
+    ts = evaluate(str(tiny_model), str(ds), tmp_path / "ts-report", proposals=2, steps=1, device="cpu", baseline=None,
+                  split="test", max_cases=1)
+    # the test split's first case with an organ: not the head scan, not the train case, and no more
+    assert {c["case"] for c in ts["cases"]} == {"s0002"} and ts["cases_without_organs"] == ["head"]
+    assert {c["organ"]: c["ranked_first"]["dice"] for c in ts["cases"]} == \
+        {c["organ"]: c["ranked_first"]["dice"] for c in nnunet["cases"]}
+    md = (tmp_path / "ts-report" / "report.md").read_text(encoding="utf-8")
+    assert "Evaluated on (split 'test', the first 1 case(s) holding one of its organs):" in md
+    assert "not scored: 1 case(s) holding none of the model's organs (head)" in md
+    # a split the dataset does not record, and a dataset that records none: one line each, nothing written
+    assert main(["evaluate", str(tiny_model), str(ds), "--split", "validation", "-o", str(tmp_path / "a")]) == 2
+    assert "no labelled case is in split 'validation'; its splits: test, train" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_model), str(tiny_dataset), "--split", "test", "-o", str(tmp_path / "b")]) == 2
+    assert "records no split" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

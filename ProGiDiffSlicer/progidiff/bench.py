@@ -211,7 +211,7 @@ def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
 
     from .data import z_ranges
     from .datasets import read_dataset, read_label
-    from .label_names import organ_mask
+    from .label_names import organ_label_values, organ_mask
     from .evaluate import dice_hd95, slab_mask
 
     info = read_dataset(dataset)
@@ -220,7 +220,8 @@ def quality_curve(engine: Engine, dataset: str, prompt: str, proposals: int = 4,
         raise InputError(f"{dataset}: no case has a label file in labelsTr/; --quality scores against the labels.")
     scan = read_scan(entry.image)
     organ = engine.resolve(prompt).organ
-    label = sitk.GetArrayFromImage(read_label(entry, scan.image))
+    label = sitk.GetArrayFromImage(read_label(entry, scan.image, info.labels,
+                                              organ_label_values(info.labels, engine.vocabulary, organ.name)))
     slabs = z_ranges(engine.card.get("training", {}).get("holdout_z_mm", {}).get(entry.name, []))
     keep = slab_mask(scan.image, slabs) if slabs else np.ones(label.shape, bool)
     ref = organ_mask(label, scan.image, info.labels, engine.vocabulary, organ.name, guess_modality(scan)[0]) & keep

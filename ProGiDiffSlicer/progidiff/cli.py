@@ -398,6 +398,7 @@ EPILOG_EVALUATE = """example:
   progidiff evaluate my_model MY_COHORT -o eval/   # trained with --holdout-cases: scores the held-out cases only
   progidiff evaluate Resources/Models/progidiff-ct-abdomen Task09_Spleen -o eval/   # an MSD task, as downloaded
   progidiff evaluate Resources/Models/progidiff-ct-abdomen btcv/dataset_0.json -o eval/   # MONAI's BTCV
+  progidiff evaluate Resources/Models/progidiff-ct-abdomen Totalsegmentator_dataset_v201 --split test --max-cases 20 -o eval/
 writes report.md, report.json, report.png (Dice per organ and method) and report-slices.png (each organ's
 slice where the ranked-first proposal is most wrong, with every method's outline)
 """
@@ -405,7 +406,7 @@ slice where the ranked-first proposal is most wrong, with every method's outline
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="Dice/HD95 per organ: ranked-first, consensus, best-of-N, RandTop-3, GED",
-                       description="Evaluate a model on a labelled nnU-Net- or MSD-style dataset: on the held-out slab "
+                       description="Evaluate a model on a labelled dataset (nnU-Net's, MSD's or TotalSegmentator's layout): on the held-out slab "
                                    "recorded in the model card for the cases it was trained on, and on the whole "
                                    "cases it held out or never saw.",
                        epilog=EPILOG_EVALUATE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -427,6 +428,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="also simulate an expert fixing the worst slice of the ranked-first proposal, then refine")
     p.add_argument("--into-card", action="store_true",
                    help="record the per-organ results in the model card (or the adapter card with --adapter DIR)")
+    p.add_argument("--split", help="only the cases of this split (\"test\"), where the dataset records one: "
+                                   "the TotalSegmentator dataset's meta.csv")
+    p.add_argument("--max-cases", type=_positive_int, metavar="N",
+                   help="stop after N cases that hold one of the model's organs (a first look at a large cohort)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-o", "--output", required=True, help="report folder (report.md, report.json, report.png)")
 
@@ -439,7 +444,8 @@ def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
         rep = evaluate(a.model, a.dataset, Path(a.output), proposals=a.proposals, steps=a.steps, seed=a.seed,
                        device=a.device, overwrite=a.overwrite, command="progidiff " + shlex.join(argv),
                        adapter=_adapter_arg(a.adapter), modality=a.modality, region_from=a.region_from,
-                       simulate_edits=a.simulate_edits, baseline=None if a.baseline == "none" else a.baseline)
+                       simulate_edits=a.simulate_edits, baseline=None if a.baseline == "none" else a.baseline,
+                       split=a.split, max_cases=a.max_cases)
     if a.into_card:
         from .evaluate import record_in_card
 

@@ -50,7 +50,7 @@ def prepare_case(entry: CaseEntry, labels: dict[str, int], vocab: Vocabulary, gr
     ref, image = on_model_grid(scan.image, grid, mod)
     masks: dict[str, np.ndarray] = {}
     if entry.label is not None:
-        label_img = read_label(entry, scan.image)
+        label_img = read_label(entry, scan.image, labels, {v for o in organs for v in organ_label_values(labels, vocab, o)})
         lab_arr = sitk.GetArrayViewFromImage(label_img)
         for organ in organs:
             if not organ_label_values(labels, vocab, organ):

@@ -9,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,11 +20,19 @@ from .volume import IMAGE_SUFFIXES, _check_complete, _first_line
 log = logging.getLogger(__name__)
 
 
+#: The TotalSegmentator dataset's layout, which TotalSegmentator's own output also has: a folder per case
+#: with its scan and a folder of one binary mask per structure, each file named after its structure.
+TS_SCANS = ("ct.nii.gz", "mri.nii.gz")
+TS_MASKS = "segmentations"
+MASK_SUFFIX = ".nii.gz"
+
+
 @dataclass
 class CaseEntry:
     name: str
     image: Path
-    label: Path | None
+    label: Path | None        # a label map, or a folder of one mask file per structure (TS_MASKS)
+    split: str | None = None  # the dataset's own split of it ("train", "val", "test"), where it records one
 
 
 @dataclass
@@ -43,13 +52,18 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
     Cases, in this order of precedence: nnU-Net's ``imagesTr/CASE_0000.nii.gz`` with ``labelsTr/CASE.nii.gz``;
     else MSD's ``"training"`` list of ``{"image", "label"}`` paths (the Medical Segmentation Decathlon's tasks,
     AMOS, MONAI's BTCV, whose files are not named ``CASE_0000``); else images and labels of one file name.
-    ``root`` is the dataset's folder or its JSON file, when that is not named dataset.json."""
+    ``root`` is the dataset's folder or its JSON file, when that is not named dataset.json. A folder
+    without dataset.json whose case folders hold ct.nii.gz (or mri.nii.gz) and segmentations/ is read as
+    the TotalSegmentator dataset (totalsegmentator_dataset)."""
     r = Path(root)
     meta_path = r / "dataset.json"
+    if r.is_dir() and not meta_path.is_file() and (ts := totalsegmentator_dataset(r)) is not None:
+        return ts
     if r.suffix.lower() == ".json" and r.is_file():  # a dataset file of another name: MONAI's BTCV "dataset_0.json"
         r, meta_path = r.parent, r
     if not meta_path.is_file():
-        raise InputError(f"{r}: no dataset.json; a dataset folder holds imagesTr/, labelsTr/ and dataset.json (nnU-Net convention).")
+        raise InputError(f"{r}: no dataset.json; a dataset folder holds imagesTr/, labelsTr/ and dataset.json (nnU-Net's "
+                         "layout), or a folder per case with ct.nii.gz and segmentations/ (TotalSegmentator's).")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -140,20 +154,78 @@ def _cases(root: Path, meta_path: Path, meta: dict) -> list[CaseEntry]:
     return cases
 
 
-def read_label(entry: CaseEntry, image: sitk.Image) -> sitk.Image:
+def totalsegmentator_dataset(root: Path) -> DatasetInfo | None:
+    """The TotalSegmentator dataset (``s0000/ct.nii.gz``, ``s0000/segmentations/liver.nii.gz``, ...), or None
+    where ``root`` has no such case folder. The labels are the structures' file names, numbered in name
+    order; read_label paints a case's label map from their files. meta.csv's "split" column, when there,
+    is each case's split (evaluate --split)."""
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and any((d / n).is_file() for n in TS_SCANS))
+    if not folders:
+        return None
+    splits = _meta_splits(root / "meta.csv")
+    cases, structures, modalities = [], set(), set()
+    for d in folders:
+        scan = next(d / n for n in TS_SCANS if (d / n).is_file())
+        modalities.add("CT" if scan.name == TS_SCANS[0] else "MR")
+        masks = {p.name[: -len(MASK_SUFFIX)] for p in (d / TS_MASKS).glob(f"*{MASK_SUFFIX}")
+                 if not p.name.startswith(".")} if (d / TS_MASKS).is_dir() else set()
+        structures |= masks
+        cases.append(CaseEntry(d.name, scan, d / TS_MASKS if masks else None, splits.get(d.name)))
+    labels = {"background": 0, **{name: i + 1 for i, name in enumerate(sorted(structures))}}
+    modality = modalities.pop() if len(modalities) == 1 else None
+    return DatasetInfo(root, labels, modality, cases)
+
+
+def _meta_splits(path: Path) -> dict[str, str]:
+    """TotalSegmentator's meta.csv (";"-separated, "image_id" and "split" columns): case -> split."""
+    import csv
+
+    if not path.is_file():
+        return {}
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    rows = list(csv.DictReader(text.splitlines(), delimiter=";" if text.count(";") > text.count(",") else ","))
+    return {r["image_id"].strip(): r["split"].strip() for r in rows
+            if (r.get("image_id") or "").strip() and (r.get("split") or "").strip()}
+
+
+def read_label(entry: CaseEntry, image: sitk.Image, labels: dict[str, int] | None = None,
+               values: Iterable[int] | None = None) -> sitk.Image:
     """The case's label map, refused unless it lies on the grid of ``image`` (its scan, as read):
     the nnU-Net convention, and what every voxel-wise use of it assumes. A label cropped or shifted
-    against its scan would otherwise train or score background where the organ is."""
+    against its scan would otherwise train or score background where the organ is.
+
+    A folder of one mask per structure (TotalSegmentator's) is painted into a label map with the
+    values of ``labels`` (name -> value), only those in ``values`` when given: reading all 117 of a
+    TotalSegmentator case's masks to score nine organs would be most of the time spent."""
     assert entry.label is not None
-    _check_complete(entry.label)  # ITK pads a truncated NIfTI with zeros: background where organs were
+    if entry.label.is_dir():
+        if labels is None:
+            raise ValueError("a folder of masks needs the dataset's labels to paint a label map")
+        wanted = set(values) if values is not None else set(labels.values())
+        painted = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint16)
+        for name, value in labels.items():
+            path = entry.label / f"{name}{MASK_SUFFIX}"
+            if value in wanted and value > 0 and path.is_file():
+                mask = _on_image_grid(path, entry, image)  # held: a view of a temporary image reads freed memory
+                painted[sitk.GetArrayViewFromImage(mask) > 0] = value
+        label = sitk.GetImageFromArray(painted)
+        label.CopyInformation(image)
+        return label
+    return _on_image_grid(entry.label, entry, image)
+
+
+def _on_image_grid(path: Path, entry: CaseEntry, image: sitk.Image) -> sitk.Image:
+    """The label map (or mask) at ``path``, read and checked against ``image``'s grid."""
+    _check_complete(path)  # ITK pads a truncated NIfTI with zeros: background where organs were
     try:
-        label = sitk.ReadImage(str(entry.label))
+        label = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"{entry.label}: cannot be read as a label map ({_first_line(exc)}).") from exc
+        raise InputError(f"{path}: cannot be read as a label map ({_first_line(exc)}).") from exc
     if label.GetDimension() == 4 and label.GetSize()[3] == 1:
         label = label[:, :, :, 0]
     if label.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{entry.label}: a label map has one value per voxel, this one {label.GetNumberOfComponentsPerPixel()}.")
+        raise InputError(f"{path}: a label map has one value per voxel, this one {label.GetNumberOfComponentsPerPixel()}.")
     problem = grid_mismatch(label, image)
     if problem and label.GetDimension() == 3:
         # The same grid stored in another axis order (one file reoriented, e.g. to RAS): permuting and
@@ -161,10 +233,10 @@ def read_label(entry: CaseEntry, image: sitk.Image) -> sitk.Image:
         orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
         turned = sitk.DICOMOrient(label, orientation)
         if grid_mismatch(turned, image) is None:
-            log.info("%s: stored in another axis order than its image; reoriented to %s", entry.label, orientation)
+            log.info("%s: stored in another axis order than its image; reoriented to %s", path, orientation)
             label, problem = turned, None
     if problem:
-        raise InputError(f"{entry.label}: {problem} of its image {entry.image.name}; a label map must lie on its image's "
+        raise InputError(f"{path}: {problem} of its image {entry.image.name}; a label map must lie on its image's "
                          "grid (nnU-Net convention): resample it onto the image first.")
     return label
 

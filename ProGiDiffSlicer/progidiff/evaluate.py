@@ -106,8 +106,11 @@ def held_out_cases_of(folder: Path) -> list[str]:
 def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, steps: int = DEFAULT_STEPS, seed: int = 0,
              device: str = "auto", overwrite: bool = False, region: str = "auto", command: str = "",
              adapter: str | None = "auto", modality: str = "auto", region_from: str | None = None,
-             simulate_edits: bool = False, baseline: str | None = "auto") -> dict:
-    """baseline: a baseline folder, "auto" (``<model>-baseline-unet`` beside the model, if any) or None."""
+             simulate_edits: bool = False, baseline: str | None = "auto", split: str | None = None,
+             max_cases: int | None = None) -> dict:
+    """baseline: a baseline folder, "auto" (``<model>-baseline-unet`` beside the model, if any) or None.
+    split: only the cases of this split, where the dataset records one (TotalSegmentator's meta.csv).
+    max_cases: stop after this many cases that hold one of the model's organs (a cohort's first few)."""
     from .baseline import Baseline, find_baseline
 
     engine = Engine(model_dir, device=device, adapter=adapter)
@@ -128,6 +131,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     organs = [o for o in card.get("organs", []) if organ_label_values(info.labels, engine.vocabulary, o)]
     if not organs:
         raise InputError(f"{dataset}: its labels name none of the model's organs ({', '.join(card.get('organs', []))}).")
+    needed = {v for o in organs for v in organ_label_values(info.labels, engine.vocabulary, o)}  # read no other mask
     for lesion, hosts in lesions_counted(info.labels, engine.vocabulary).items():
         log.info("label %r counted as part of %s (a lesion lies in its organ)", lesion, " and ".join(hosts))
     rows: list[OrganScore] = []
@@ -138,6 +142,13 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     cases = [c for c in info.cases if c.label is not None]
     if not cases:
         raise InputError(f"{dataset}: no case has a label file in labelsTr/; evaluate compares with the labels.")
+    if split is not None:
+        recorded = sorted({c.split for c in cases if c.split})
+        if not recorded:
+            raise InputError(f"{dataset}: records no split of its cases (TotalSegmentator's meta.csv does); leave out --split.")
+        if split not in recorded:
+            raise InputError(f"{dataset}: no labelled case is in split {split!r}; its splits: {', '.join(recorded)}.")
+        cases = [c for c in cases if c.split == split]
     # With whole cases held out of training (train --holdout-cases) the cases it trained on whole say
     # nothing of scans it has not seen: score the held-out ones (and any held-out slab) only.
     skipped: list[str] = []
@@ -147,8 +158,10 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     with staging(outdir, overwrite) as tmp:
         with tqdm(total=len(cases) * len(organs), desc="evaluate", dynamic_ncols=True) as bar:
             for entry in cases:
+                if max_cases is not None and len({r.case for r in rows}) >= max_cases:
+                    break
                 scan = read_scan(entry.image)
-                label = sitk.GetArrayFromImage(read_label(entry, scan.image))
+                label = sitk.GetArrayFromImage(read_label(entry, scan.image, info.labels, needed))
                 keep = np.ones(label.shape, bool)
                 if entry.name in holdout and region in ("auto", "holdout"):
                     slabs = z_ranges(holdout[entry.name])
@@ -202,8 +215,18 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                                                         modality)
                     rows.append(OrganScore(entry.name, organ_name, metrics))
                     bar.update(1)
+        scored = {r.case for r in rows}
+        if not scored:
+            raise InputError(f"{dataset}: no labelled case holds any of the model's organs ({', '.join(organs)}) "
+                             "where it is scored; nothing to report.")
+        # A whole-body cohort (TotalSegmentator's) has head and leg scans: listed apart, not as evaluated.
+        without = [c for c in regions if c not in scored]
+        regions = {c: v for c, v in regions.items() if c in scored}
         report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command, info.description)
         report["skipped_training_cases"] = skipped
+        report["cases_without_organs"] = without
+        report["selection"] = ", ".join(([f"split {split!r}"] if split else [])
+                                        + ([f"the first {max_cases} case(s) holding one of its organs"] if max_cases else []))
         report["adapter"] = locals().get("used_adapter")
         report["baseline"] = str(base_dir) if base_net is not None else None
         report["modality"] = modality
@@ -313,12 +336,16 @@ def _markdown(rep: dict) -> str:
              f"{rep['seconds']:.0f} s.", ""]
     if rep.get("dataset_description"):
         lines += [f"The dataset, as its dataset.json describes it: {rep['dataset_description']}", ""]
-    lines += ["Evaluated on:"]
+    lines += ["Evaluated on" + (f" ({rep['selection']})" if rep.get("selection") else "") + ":"]
     lines += [f"- `{k}`: {v}" for k, v in rep["evaluated_on"].items()]
     if rep.get("skipped_training_cases"):
         n = len(rep["skipped_training_cases"])
         lines += [f"- not scored: {n} case(s) the model was trained on whole "
                   f"({', '.join(rep['skipped_training_cases'])})"]
+    if rep.get("cases_without_organs"):
+        n = len(rep["cases_without_organs"])
+        shown = ", ".join(rep["cases_without_organs"][:10]) + (", ..." if n > 10 else "")
+        lines += [f"- not scored: {n} case(s) holding none of the model's organs ({shown})"]
     has_base = "baseline" in rep["mean_dice"]
     if has_base:
         lines += [f"- baseline: deterministic MONAI UNet `{Path(rep['baseline']).name}` (same data, transforms and budget)"]
