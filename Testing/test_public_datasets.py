@@ -249,3 +249,17 @@ def test_evaluate_scores_a_totalsegmentator_split_as_the_nnunet_copy(tmp_path, t
     assert main(["evaluate", str(tiny_model), str(tiny_dataset), "--split", "test", "-o", str(tmp_path / "b")]) == 2
     assert "records no split" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_train_keeps_to_the_split_it_is_given(tmp_path, tiny_dataset, capsys):
+    from progidiff.cli import main
+
+    ds = tmp_path / "ts"
+    _totalsegmentator_copy(tiny_dataset, ds, {"s0001": "train", "s0002": "test"})
+    out = tmp_path / "model"
+    tiny = ["--organs", "liver", "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2", "--workers", "0"]
+    assert main(["train", str(ds), "-o", str(out), "--split", "train", *tiny]) == 0
+    card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
+    assert card["training"]["cases"] == ["s0001"] and card["training"]["config"]["split"] == "train"
+    assert main(["train", str(ds), "-o", str(tmp_path / "other"), "--split", "validation", *tiny]) == 2
+    assert "no labelled case is in split 'validation'" in capsys.readouterr().err and not (tmp_path / "other").exists()

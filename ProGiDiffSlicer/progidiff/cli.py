@@ -34,6 +34,7 @@ EPILOG_TRAIN = """example:
   accelerate launch -m progidiff.cli train DATASET -o MODEL --mixed-precision bf16   # several GPUs
   progidiff train ../shared/data/ct-abdomen -o my_model --organs liver spleen --resume   # go on after Ctrl-C
   progidiff train MY_COHORT -o my_model --holdout-cases 5   # then: progidiff evaluate my_model MY_COHORT -o eval/
+  progidiff train Totalsegmentator_dataset_v201 -o my_model --split train   # then: evaluate ... --split test
 """
 
 
@@ -75,6 +76,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout-like", metavar="DIR",
                    help="hold out the same slabs and cases as this model/adapter card (e.g. to train a baseline on the "
                         "same split)")
+    p.add_argument("--split", help="only the cases of this split (\"train\"), where the dataset records one: "
+                                   "the TotalSegmentator dataset's meta.csv")
     p.add_argument("--modality", choices=["CT", "MR"], help="the dataset's modality (default: from dataset.json)")
     p.add_argument("--finetune-base", action="store_true",
                    help="stage 2 also trains the base UNet (ProGiDiff freezes it; faster convergence on small budgets)")
@@ -140,7 +143,7 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       resume=a.resume, workers=a.workers, command="progidiff " + shlex.join(argv),
                       modality=a.modality, finetune_base=a.finetune_base, base_lr_scale=a.base_lr_scale,
                       holdout_z=_holdout_from(a.holdout_like) if a.holdout_like else None,
-                      holdout_cases=a.holdout_cases,
+                      holdout_cases=a.holdout_cases, split=a.split,
                       holdout_case_names=_held_out_cases_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
                       dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale),

@@ -189,6 +189,19 @@ def _meta_splits(path: Path) -> dict[str, str]:
             if (r.get("image_id") or "").strip() and (r.get("split") or "").strip()}
 
 
+def cases_in_split(cases: list[CaseEntry], split: str | None, dataset: str | os.PathLike) -> list[CaseEntry]:
+    """The cases of ``split`` (train and evaluate --split), or all of them with None. Refused where the
+    dataset records no split, or none of these cases is in that one."""
+    if split is None:
+        return cases
+    recorded = sorted({c.split for c in cases if c.split})
+    if not recorded:
+        raise InputError(f"{dataset}: records no split of its cases (TotalSegmentator's meta.csv does); leave out --split.")
+    if split not in recorded:
+        raise InputError(f"{dataset}: no labelled case is in split {split!r}; its splits: {', '.join(recorded)}.")
+    return [c for c in cases if c.split == split]
+
+
 def read_label(entry: CaseEntry, image: sitk.Image, labels: dict[str, int] | None = None,
                values: Iterable[int] | None = None) -> sitk.Image:
     """The case's label map, refused unless it lies on the grid of ``image`` (its scan, as read):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .card import format_mm, write_markdown
 from .data import z_ranges
-from .datasets import read_dataset, read_label
+from .datasets import cases_in_split, read_dataset, read_label
 from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
 from .label_names import lesions_counted, organ_label_values, organ_mask
@@ -142,13 +142,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     cases = [c for c in info.cases if c.label is not None]
     if not cases:
         raise InputError(f"{dataset}: no case has a label file in labelsTr/; evaluate compares with the labels.")
-    if split is not None:
-        recorded = sorted({c.split for c in cases if c.split})
-        if not recorded:
-            raise InputError(f"{dataset}: records no split of its cases (TotalSegmentator's meta.csv does); leave out --split.")
-        if split not in recorded:
-            raise InputError(f"{dataset}: no labelled case is in split {split!r}; its splits: {', '.join(recorded)}.")
-        cases = [c for c in cases if c.split == split]
+    cases = cases_in_split(cases, split, dataset)
     # With whole cases held out of training (train --holdout-cases) the cases it trained on whole say
     # nothing of scans it has not seen: score the held-out ones (and any held-out slab) only.
     skipped: list[str] = []

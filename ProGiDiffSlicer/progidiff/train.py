@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .data import BODY_SCALE, PreparedCase, SliceDataset, prepare_case, unseen_organ_ends, untrainable_organs
-from .datasets import read_dataset
+from .datasets import cases_in_split, read_dataset
 from .errors import InputError
 from .label_names import dataset_organs, lesions_counted
 from .interrupts import StopRequest, ignore_interrupts_in_worker
@@ -61,6 +61,8 @@ class TrainConfig:
     holdout_cases: int = 0
     #: ... or these, by name (``--holdout-like``: the same split as another model, e.g. its baseline)
     holdout_case_names: tuple[str, ...] | None = None
+    #: Only the cases of this split, where the dataset records one (TotalSegmentator's meta.csv: "train")
+    split: str | None = None
     modality: str | None = None
     #: "no", "fp16", "bf16", or None: accelerate's choice (``accelerate launch --mixed_precision``,
     #: ``accelerate config``), else "no". ``make_accelerator`` replaces None by what the run uses.
@@ -290,6 +292,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     labelled = [e for e in info.cases if e.label is not None]
     if not labelled:
         raise InputError(f"{cfg.dataset}: no case has a label file in labelsTr/.")
+    labelled = cases_in_split(labelled, cfg.split, cfg.dataset)
     train_names, held_cases = split_cases(cfg, [e.name for e in labelled])
     if held_cases:
         log.info("held out from training: %d whole case(s), %s", len(held_cases), ", ".join(held_cases))
