@@ -211,6 +211,16 @@ def test_a_cohort_report_has_a_row_per_case_and_flags_the_scans_trained_on(tmp_p
     assert set(rows) == {"case_001", "other"}
     per = {(c["case"], c["organ"]): c["ranked_first"]["dice"] for c in rep["cases"]}
     assert f"{per['other', 'liver']:.3f} (" in rows["other"]
+    # the spread across cases: mean ± sample SD, median, and the lowest with its case
+    livers = {c: per[c, "liver"] for c in ("case_001", "other")}
+    low = min(livers, key=livers.get)
+    spread = next(ln for ln in md.splitlines() if ln.startswith("| liver | 2 |"))
+    assert spread.startswith(f"| liver | 2 | {np.mean(list(livers.values())):.3f} ± {np.std(list(livers.values()), ddof=1):.3f} | "
+                             f"{np.median(list(livers.values())):.3f} | {livers[low]:.3f} ({low}) |")
+    # and the figure gains a panel of the cases' points (one case's figure is 360 px high)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "eval" / "report.png").size[1] > 500
 
 
 def test_a_prepared_case_keeps_nothing_at_the_scan_s_resolution(tmp_path, tiny_dataset):

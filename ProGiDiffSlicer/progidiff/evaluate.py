@@ -389,6 +389,18 @@ def _per_case(rep: dict) -> list[str]:
         return lines
     organs = list(rep["organs"])
     by = {(c["case"], c["organ"]): c for c in rep["cases"]}
+    has_base = "baseline" in rep["mean_dice"]
+    lines += ["", "Across cases, ranked-first Dice" + (" (baseline UNet's beside it)" if has_base else "") + ":", "",
+              "| organ | cases | mean ± SD | median | lowest (case) |" + (" baseline mean ± SD |" if has_base else ""),
+              "|---|---|---|---|---|" + ("---|" if has_base else "")]
+    for o in organs:
+        spread = _spread([(c, by[c, o]["ranked_first"]["dice"]) for c in rep["evaluated_on"] if (c, o) in by])
+        row = (f"| {o} | {spread['cases']} | {spread['mean']:.3f} ± {spread['sd']:.3f} | {spread['median']:.3f} | "
+               f"{spread['lowest']:.3f} ({spread['lowest_case']}) |")
+        if has_base:
+            b = _spread([(c, by[c, o]["baseline"]["dice"]) for c in rep["evaluated_on"] if (c, o) in by])
+            row += f" {b['mean']:.3f} ± {b['sd']:.3f} |"
+        lines.append(row)
     lines += ["", "Per case, ranked-first Dice (consensus):", "", "| case | " + " | ".join(organs) + " |",
               "|---|" + "---|" * len(organs)]
     for case in rep["evaluated_on"]:
@@ -396,6 +408,17 @@ def _per_case(rep: dict) -> list[str]:
                  else "–" for o in organs]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _spread(scores: list[tuple[str, float]]) -> dict:
+    """Mean, sample SD, median and lowest (with its case) of per-case Dice; NaN (no reference) left out."""
+    kept = [(c, d) for c, d in scores if d is not None and not math.isnan(d)]
+    ds = np.array([d for _, d in kept], float)
+    if not len(ds):
+        return {"cases": 0, "mean": math.nan, "sd": math.nan, "median": math.nan, "lowest": math.nan, "lowest_case": "–"}
+    low = int(np.argmin(ds))
+    return {"cases": len(ds), "mean": float(ds.mean()), "sd": float(ds.std(ddof=1)) if len(ds) > 1 else 0.0,
+            "median": float(np.median(ds)), "lowest": float(ds[low]), "lowest_case": kept[low][0]}
 
 
 def _figure(rep: dict, path: Path) -> None:
@@ -406,7 +429,11 @@ def _figure(rep: dict, path: Path) -> None:
 
     names = list(rep["organs"])
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.6))
+    # A cohort gets a second panel: each organ's per-case ranked-first Dice, a box and its points, since
+    # a mean hides the case that failed.
+    cohort = len(rep["evaluated_on"]) > 1
+    fig, axes = plt.subplots(1 + cohort, 1, figsize=(max(6, 1.1 * len(names)), 3.6 * (1 + cohort)), squeeze=False)
+    ax = axes[0, 0]
     methods = list(METHODS) + (["baseline"] if "baseline" in rep["mean_dice"] else [])
     w = 0.8 / len(methods)
     for i, m in enumerate(methods):
@@ -418,6 +445,19 @@ def _figure(rep: dict, path: Path) -> None:
     ax.legend(fontsize=7, ncol=len(methods), loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"{Path(rep['model']).name}: Dice per organ ({rep['proposals']} proposals)", fontsize=9)
+    if cohort:
+        ax = axes[1, 0]
+        per = [[c["ranked_first"]["dice"] for c in rep["cases"] if c["organ"] == n
+                and not math.isnan(c["ranked_first"]["dice"])] for n in names]
+        ax.boxplot(per, positions=x, widths=0.5, showfliers=False)
+        jitter = np.random.default_rng(0)
+        for i, ds in enumerate(per):
+            ax.scatter(i + jitter.uniform(-0.15, 0.15, len(ds)), ds, s=8, alpha=0.6, color="tab:blue")
+        ax.set_xticks(x, [n.replace("_", " ") for n in names], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("ranked-first Dice")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"per case ({len(rep['evaluated_on'])} cases)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
