@@ -1,6 +1,7 @@
 """`progidiff segment` end to end with the shipped model on real CT."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,26 @@ def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shippe
     assert rc == 2  # the bad case is reported; the others are complete
     assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
     assert (out / "b" / "proposals.seg.nrrd").is_file()
+
+
+def test_inputs_of_one_file_name_get_a_subfolder_each(ct_crop, tmp_path, tiny_model, capsys):
+    """A folder per patient, each scan called ct.nii.gz (the TotalSegmentator dataset's layout): one
+    subfolder per patient, not one ct/ that the second case writes over (or is refused by)."""
+    from progidiff.volume import case_names
+
+    for patient in ("s0001", "s0002"):
+        (tmp_path / "ts" / patient).mkdir(parents=True)
+        shutil.copy(ct_crop, tmp_path / "ts" / patient / "ct.nii.gz")
+    inputs = sorted((tmp_path / "ts").glob("*/ct.nii.gz"))
+    assert case_names(inputs) == ["s0001", "s0002"]
+    assert case_names([Path("a/x/ct.nii.gz"), Path("b/x/ct.nii.gz"), Path("x.nii.gz")]) == ["a_x", "b_x", "x"]
+    out = tmp_path / "out"
+    assert main(["segment", *map(str, inputs), "--prompt", "liver", "--proposals", "1", "--steps", "1",
+                 "--model", str(tiny_model), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["s0001", "s0002"]
+    assert all((out / c / "proposals.seg.nrrd").is_file() for c in ("s0001", "s0002"))
+    printed = capsys.readouterr().out
+    assert "s0001: Liver" in printed and "s0002: Liver" in printed
 
 
 def _cli(*args, **kw):

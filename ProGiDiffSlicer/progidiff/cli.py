@@ -208,7 +208,7 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from .engine import Engine, SegmentOptions
     from .segment import segment_file
-    from .volume import case_name, find_inputs
+    from .volume import case_names, find_inputs
 
     opts = SegmentOptions(proposals=a.proposals, steps=a.steps, scheduler=a.scheduler, seed=a.seed,
                           modality=a.modality, batch_size=a.batch_size, prepass=not a.no_prepass)
@@ -223,18 +223,18 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
         state = PartialState()
         rank, world = state.process_index, state.num_processes
         device = str(state.device.type) if a.device == "auto" else a.device
-    jobs = [(p, out if len(inputs) == 1 else out / case_name(p)) for p in inputs][rank::world]
+    jobs = [(p, out if len(inputs) == 1 else out / name, name) for p, name in zip(inputs, case_names(inputs))][rank::world]
     from .outputs import check_output_dir
-    for _, o in jobs:
+    for _, o, _ in jobs:
         check_output_dir(o, a.overwrite)
     with cancel_on_signals() as cancel:
         engine = Engine(a.model, device=device, adapter=_adapter_arg(a.adapter))
         engine.resolve(a.prompt)
         failed = 0
-        for path, o in jobs:
-            bar = tqdm(total=1, desc=f"{case_name(path)}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
+        for path, o, name in jobs:
+            bar = tqdm(total=1, desc=f"{name}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
 
-            def progress(stage: str, done: int, total: int, _case=case_name(path)) -> None:
+            def progress(stage: str, done: int, total: int, _case=name) -> None:
                 bar.set_description(f"{_case}: {stage}", refresh=False)
                 bar.total = total
                 bar.n = done
@@ -253,7 +253,7 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
             finally:
                 bar.close()
             vol, dia = report["volume_ml"], report["diameter_mm"]
-            print(f"{case_name(path)}: {report['organ_display']} · {len(report['proposals'])} proposals · agreement "
+            print(f"{name}: {report['organ_display']} · {len(report['proposals'])} proposals · agreement "
                   f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL, largest "
                   f"diameter {dia['min']:.0f}/{dia['median']:.0f}/{dia['max']:.0f} mm (min/median/max)"
                   f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")

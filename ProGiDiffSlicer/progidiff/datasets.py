@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .volume import IMAGE_SUFFIXES, _check_complete, _first_line
+from .volume import IMAGE_SUFFIXES, _check_complete, _first_line, case_name
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,6 @@ def read_dataset(root: str | os.PathLike) -> DatasetInfo:
     return DatasetInfo(r, labels, modality, cases, " ".join(description.split()))
 
 
-def _case_name(path: Path) -> str:
-    name = path.name
-    for ending in IMAGE_SUFFIXES:
-        if name.lower().endswith(ending):
-            return name[: -len(ending)]
-    return path.stem
-
-
 def _listed_cases(root: Path, meta_path: Path, listed: list) -> list[CaseEntry]:
     """MSD's ``"training": [{"image": "./imagesTr/spleen_19.nii.gz", "label": "./labelsTr/spleen_19.nii.gz"}]``.
     A listed file that is not there is a broken dataset: refused, naming it, rather than trained without."""
@@ -122,7 +114,7 @@ def _listed_cases(root: Path, meta_path: Path, listed: list) -> list[CaseEntry]:
         for path in paths:
             if not path.is_file():
                 raise InputError(f'{meta_path}: its "training" list names {os.path.relpath(path, root)}, which is not there.')
-        cases.append(CaseEntry(_case_name(paths[0]), paths[0], paths[1] if len(paths) > 1 else None))
+        cases.append(CaseEntry(case_name(paths[0]), paths[0], paths[1] if len(paths) > 1 else None))
     return cases
 
 
@@ -147,7 +139,7 @@ def _cases(root: Path, meta_path: Path, meta: dict) -> list[CaseEntry]:
         return _listed_cases(root, meta_path, listed)
     for img in files:  # one file name for image and label, as MSD's folders without a "training" list
         lab = root / "labelsTr" / img.name
-        cases.append(CaseEntry(_case_name(img), img, lab if lab.is_file() else None))
+        cases.append(CaseEntry(case_name(img), img, lab if lab.is_file() else None))
     if not cases:
         raise InputError(f"{root / 'imagesTr'}: no images (CASE_0000{ending or '.nii.gz'} as nnU-Net names them, or "
                          'listed in dataset.json\'s "training" as MSD does).')

@@ -499,3 +499,24 @@ def case_name(path: Path) -> str:
         if name.lower().endswith(s):
             return name[: -len(s)]
     return name
+
+
+def case_names(paths: Sequence[Path]) -> list[str]:
+    """A name per input, each its own: the file's (case_name), or where several inputs share one
+    (``s0001/ct.nii.gz``, ``s0002/ct.nii.gz``: the TotalSegmentator dataset, a folder per patient) the
+    nearest folders that tell them apart (``s0001``, ``s0002``); a cohort's outputs go to one subfolder
+    per name, and a shared one would have written one case over another."""
+    names = [case_name(p) for p in paths]
+    for shared in {n for n in names if names.count(n) > 1}:
+        group = [i for i, n in enumerate(names) if n == shared]
+        parts = [Path(paths[i]).resolve().parent.parts for i in group]
+        for depth in range(1, max(len(x) for x in parts) + 1):
+            tails = ["_".join(x[-depth:]) for x in parts]
+            if len(set(tails)) == len(tails):
+                break
+        for i, tail in zip(group, tails):
+            names[i] = tail
+    for i, n in enumerate(names):  # a folder's name may still be another input's own name
+        if names.count(n) > 1:
+            names[i] = f"{n}_{i + 1}"
+    return names
