@@ -253,3 +253,18 @@ def test_a_prepared_case_keeps_nothing_at_the_scan_s_resolution(tmp_path, tiny_d
             held += value.GetNumberOfPixels() * value.GetSizeOfPixelComponent()
     assert held < scan_bytes / 100
     assert len(case.scan_z_mm) == sitk.ReadImage(str(entry.image)).GetSize()[2]
+
+
+def test_in_a_cohort_a_case_off_its_grid_is_listed_and_the_others_scored(tmp_path, tiny_dataset, tiny_model):
+    """As segment on a cohort: one bad case of many must not stop the evaluation; the report names it and why."""
+    from progidiff.evaluate import evaluate
+
+    ds = _copy(tiny_dataset, tmp_path / "ds")
+    shutil.copy(ds / "imagesTr" / "case_001_0000.nii.gz", ds / "imagesTr" / "shifted_0000.nii.gz")
+    sitk.WriteImage(_shifted(_label(ds)), str(ds / "labelsTr" / "shifted.nii.gz"))
+    rep = evaluate(str(tiny_model), str(ds), tmp_path / "eval", proposals=2, steps=1, device="cpu", baseline=None)
+    assert {c["case"] for c in rep["cases"]} == {"case_001"} and list(rep["unusable_cases"]) == ["shifted"]
+    assert "its origin" in rep["unusable_cases"]["shifted"]
+    md = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
+    assert "not scored: 1 case(s) that could not be read or whose label is off its scan's grid" in md
+    assert "- `shifted`: " in md and "its origin" in md

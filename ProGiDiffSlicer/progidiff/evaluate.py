@@ -136,6 +136,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         log.info("label %r counted as part of %s (a lesion lies in its organ)", lesion, " and ".join(hosts))
     rows: list[OrganScore] = []
     regions: dict[str, str] = {}
+    unusable: dict[str, str] = {}  # case -> why it could not be scored
     worst: dict[str, tuple] = {}  # organ -> (ranked-first Dice, consensus Dice, case, slice panel), lowest case
     rng = np.random.default_rng(seed)
     t0 = time.time()
@@ -154,8 +155,16 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
             for entry in cases:
                 if max_cases is not None and len({r.case for r in rows}) >= max_cases:
                     break
-                scan = read_scan(entry.image)
-                label = sitk.GetArrayFromImage(read_label(entry, scan.image, info.labels, needed))
+                try:
+                    scan = read_scan(entry.image)
+                    label = sitk.GetArrayFromImage(read_label(entry, scan.image, info.labels, needed))
+                except InputError as exc:
+                    # In a cohort one unreadable case, or one whose label is off its scan's grid, must not stop
+                    # the others (as segment on a cohort): listed in the report, not scored.
+                    unusable[entry.name] = str(exc)
+                    log.warning("%s: not scored: %s", entry.name, exc)
+                    bar.update(len(organs))
+                    continue
                 keep = np.ones(label.shape, bool)
                 if entry.name in holdout and region in ("auto", "holdout"):
                     slabs = z_ranges(holdout[entry.name])
@@ -210,6 +219,10 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                     rows.append(OrganScore(entry.name, organ_name, metrics))
                     bar.update(1)
         scored = {r.case for r in rows}
+        if not scored and unusable:
+            raise InputError(next(iter(unusable.values())) if len(unusable) == 1 else
+                             f"{dataset}: no case could be scored; {len(unusable)} could not be read, the first: "
+                             f"{next(iter(unusable.values()))}")
         if not scored:
             raise InputError(f"{dataset}: no labelled case holds any of the model's organs ({', '.join(organs)}) "
                              "where it is scored; nothing to report.")
@@ -219,6 +232,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
         report = _summarise(rows, regions, engine, dataset, proposals, steps, time.time() - t0, command, info.description)
         report["skipped_training_cases"] = skipped
         report["cases_without_organs"] = without
+        report["unusable_cases"] = unusable
         report["selection"] = ", ".join(([f"split {split!r}"] if split else [])
                                         + ([f"the first {max_cases} case(s) holding one of its organs"] if max_cases else []))
         report["adapter"] = locals().get("used_adapter")
@@ -336,6 +350,10 @@ def _markdown(rep: dict) -> str:
         n = len(rep["skipped_training_cases"])
         lines += [f"- not scored: {n} case(s) the model was trained on whole "
                   f"({', '.join(rep['skipped_training_cases'])})"]
+    if rep.get("unusable_cases"):
+        bad = rep["unusable_cases"]
+        lines += [f"- **not scored: {len(bad)} case(s) that could not be read or whose label is off its scan's grid**:"]
+        lines += [f"  - `{c}`: {why}" for c, why in list(bad.items())[:10]] + (["  - ..."] if len(bad) > 10 else [])
     if rep.get("cases_without_organs"):
         n = len(rep["cases_without_organs"])
         shown = ", ".join(rep["cases_without_organs"][:10]) + (", ..." if n > 10 else "")
