@@ -127,6 +127,14 @@ def test_inputs_of_one_file_name_get_a_subfolder_each(ct_crop, tmp_path, tiny_mo
         shutil.copy(ct_crop, tmp_path / "ts" / patient / "ct.nii.gz")
     inputs = sorted((tmp_path / "ts").glob("*/ct.nii.gz"))
     assert case_names(inputs) == ["s0001", "s0002"]
+    # the dataset's folder itself: each patient folder's one scan (its segmentations/ below it are no input);
+    # a folder of several image files is skipped, not guessed at
+    (tmp_path / "ts" / "s0001" / "segmentations").mkdir()
+    shutil.copy(ct_crop, tmp_path / "ts" / "s0001" / "segmentations" / "liver.nii.gz")
+    (tmp_path / "ts" / "results").mkdir()
+    for name in ("proposal_01.nii.gz", "consensus.nii.gz"):
+        shutil.copy(ct_crop, tmp_path / "ts" / "results" / name)
+    assert find_inputs([tmp_path / "ts"]) == inputs
     assert case_names([Path("a/x/ct.nii.gz"), Path("b/x/ct.nii.gz"), Path("x.nii.gz")]) == ["a_x", "b_x", "x"]
     out = tmp_path / "out"
     assert main(["segment", *map(str, inputs), "--prompt", "liver", "--proposals", "1", "--steps", "1",

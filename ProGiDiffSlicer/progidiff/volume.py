@@ -475,7 +475,9 @@ def array_to_image(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
 
 
 def find_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand inputs: files, DICOM folders, and folders of files/DICOM folders."""
+    """Expand inputs: files, DICOM folders, and folders of files, of DICOM folders or of a folder per
+    patient holding one scan file (the TotalSegmentator dataset's ``s0001/ct.nii.gz``, beside its
+    ``segmentations/``)."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
@@ -486,9 +488,18 @@ def find_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
         elif dicom_series(p):
             out.append(p)
         else:
-            kids = sorted(k for k in p.iterdir() if is_image_file(k) or (k.is_dir() and dicom_series(k)))
+            kids = []
+            for k in sorted(p.iterdir()):
+                if is_image_file(k) or (k.is_dir() and dicom_series(k)):
+                    kids.append(k)
+                elif k.is_dir() and not k.name.startswith("."):
+                    scans = [f for f in sorted(k.iterdir()) if is_image_file(f)]
+                    if len(scans) == 1:
+                        kids.append(scans[0])
+                    elif scans:  # which of them is the scan is not ours to guess
+                        log.warning("%s: holds %d image files, not one scan: skipped; give the scan by name", k, len(scans))
             if not kids:
-                raise InputError(f"{p}: holds no NIfTI/NRRD/MHA file and no DICOM series.")
+                raise InputError(f"{p}: holds no NIfTI/NRRD/MHA file, no DICOM series and no folder of one scan file.")
             out.extend(kids)
     return out
 
