@@ -180,7 +180,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                        description="Segment an organ named by a text prompt: writes proposal_NN.nii.gz (best first), "
                                    "consensus.nii.gz, uncertainty.nii.gz, proposals.seg.nrrd, overview.png and report.json.",
                        epilog=EPILOG_SEGMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM folders, or folders of them (or of a folder per patient holding one scan file)")
+    p.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM folders, or folders of them (or of a folder "
+                                              "per patient holding one scan file)")
     p.add_argument("--prompt", required=True, help="the organ, e.g. liver, 'left kidney', hepatic, IVC")
     p.add_argument("-n", "--proposals", type=int, default=8, help="number of proposals N (default 8)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
