@@ -1,4 +1,5 @@
 """Public datasets as they are downloaded: MSD's layout (a "training" list, files not named CASE_0000),
+the TotalSegmentator dataset's (a folder per case, one mask file per structure, meta.csv's split),
 MONAI's BTCV and AMOS label names, one "kidney" for both sides (AbdomenCT-1K, KiTS) and lesions labelled
 apart from their organ (MSD's liver and pancreas). train and evaluate read them as the nnU-Net copy of
 the same data, or refuse them in one line."""
@@ -12,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 
 from progidiff.datasets import read_dataset
-from progidiff.label_names import dataset_organs, lesions_counted, organ_label_values, organ_mask
 from progidiff.errors import InputError
+from progidiff.label_names import dataset_organs, lesions_counted, organ_label_values, organ_mask
 from progidiff.prompts import Vocabulary
 
 
