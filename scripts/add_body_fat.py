@@ -12,7 +12,6 @@ example:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset  # noqa: E402
+from dataset_copy import copy_dataset, copy_parser  # noqa: E402
 
 #: Subcutaneous fat and skin (HU), typical values.
 FAT_HU, SKIN_HU, SKIN_MM = -100.0, 30.0, 2.0
@@ -67,10 +66,7 @@ def add_fat(image: sitk.Image, fat_mm: float, rng: np.random.Generator) -> sitk.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset")
-    p.add_argument("output")
+    p = copy_parser(__doc__)
     p.add_argument("--fat-mm", type=float, default=40.0, help="fat added outside the body's outline, mm (default 40)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

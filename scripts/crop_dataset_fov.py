@@ -8,7 +8,6 @@ example:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset  # noqa: E402
+from dataset_copy import copy_dataset, copy_parser  # noqa: E402
 
 
 def crop_z(image: sitk.Image, z_min: float, z_max: float) -> sitk.Image:
@@ -43,10 +42,7 @@ def crop_z(image: sitk.Image, z_min: float, z_max: float) -> sitk.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset")
-    p.add_argument("output")
+    p = copy_parser(__doc__)
     p.add_argument("--z-min", type=float, default=-1e9, help="lowest world z (mm) to keep")
     p.add_argument("--z-max", type=float, default=1e9, help="highest world z (mm) to keep")
     a = p.parse_args(argv)

@@ -1,8 +1,9 @@
-"""Shared by the robustness-dataset scripts (crop_dataset_fov, resample_dataset,
-scale_dataset_body, deform_dataset_anatomy): copy an nnU-Net-style dataset with every scan and
-label transformed."""
+"""Shared by the robustness-dataset scripts (crop_dataset_fov, resample_dataset, scale_dataset_body,
+deform_dataset_anatomy, enhance_dataset_contrast, add_body_fat): their command line, and the copy of an
+nnU-Net-style dataset with every scan and label transformed."""
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -10,6 +11,16 @@ from pathlib import Path
 from typing import Callable
 
 import SimpleITK as sitk
+
+
+def copy_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every copying script starts from: its docstring's first paragraph as the
+    description, the second (the example) as the epilog, and the source and output dataset folders."""
+    parts = doc.split("\n\n")
+    p = argparse.ArgumentParser(description=parts[0], epilog=parts[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset")
+    p.add_argument("output")
+    return p
 
 
 def copy_dataset(src: Path, dst: Path, transform: Callable[[sitk.Image, bool], sitk.Image]) -> None:

@@ -11,7 +11,6 @@ example:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset  # noqa: E402
+from dataset_copy import copy_dataset, copy_parser  # noqa: E402
 
 
 def warp(grid: sitk.Image, max_mm: float, spacing_mm: float, seed: int) -> sitk.BSplineTransform:
@@ -56,10 +55,7 @@ def displacement_mm(grid: sitk.Image, transform: sitk.Transform, samples: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset")
-    p.add_argument("output")
+    p = copy_parser(__doc__)
     p.add_argument("--max-mm", type=float, default=20.0,
                    help="largest control-point displacement along world x and y, mm (default 20; on the CT of "
                         "../shared/data this moves voxels 4.8 mm on average and up to about 10 mm)")

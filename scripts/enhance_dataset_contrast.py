@@ -15,7 +15,6 @@ examples:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -27,7 +26,7 @@ import SimpleITK as sitk
 from progidiff.data import CONTRAST_GAIN_HU
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset_json  # noqa: E402
+from dataset_copy import copy_dataset_json, copy_parser  # noqa: E402
 
 #: HU gained over the unenhanced scan in a portal-venous phase (about 70 s after injection), typical
 #: adult values: the organs the engine's contrast-phase augmentation enhances (vessels 90-120,
@@ -57,10 +56,7 @@ def enhance(image: sitk.Image, label: sitk.Image, names: dict[str, int], blur_mm
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset")
-    p.add_argument("output")
+    p = copy_parser(__doc__)
     p.add_argument("--blur-mm", type=float, default=1.5, help="Gaussian sigma of the gain at organ borders (mm)")
     p.add_argument("--scale", type=float, default=1.0, help="times the typical gains (e.g. 0.5 for a weak bolus)")
     p.add_argument("--organ", action="append", default=[], metavar="NAME=HU",

@@ -10,7 +10,6 @@ example:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset  # noqa: E402
+from dataset_copy import copy_dataset, copy_parser  # noqa: E402
 
 
 def resample(image: sitk.Image, spacing: tuple[float, float, float], label: bool, noise: float = 0.0,
@@ -52,10 +51,7 @@ def resample(image: sitk.Image, spacing: tuple[float, float, float], label: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset")
-    p.add_argument("output")
+    p = copy_parser(__doc__)
     p.add_argument("--spacing", type=float, nargs=3, required=True, metavar=("X", "Y", "Z"), help="new spacing in mm")
     p.add_argument("--noise-hu", type=float, default=0.0, help="extra Gaussian image noise (standard deviation, image units)")
     a = p.parse_args(argv)

@@ -11,7 +11,6 @@ example:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset  # noqa: E402
+from dataset_copy import copy_dataset, copy_parser  # noqa: E402
 
 
 def scale_in_plane(image: sitk.Image, factor: float) -> sitk.Image:
@@ -38,10 +37,7 @@ def scale_in_plane(image: sitk.Image, factor: float) -> sitk.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset")
-    p.add_argument("output")
+    p = copy_parser(__doc__)
     p.add_argument("--factor", type=float, required=True, help="in-plane size factor, e.g. 0.85 or 1.15")
     a = p.parse_args(argv)
     if not 0.5 <= a.factor <= 2.0:
