@@ -21,7 +21,7 @@ from .data import z_ranges
 from .datasets import cases_in_split, read_dataset, read_label
 from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
-from .label_names import lesions_counted, organ_label_values, organ_mask
+from .label_names import log_lesions_counted, organ_label_values, organ_mask
 from .outputs import staging
 from .proposals import CONSENSUS_MIN_AGREEMENT
 from .volume import guess_modality, read_scan
@@ -132,8 +132,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
     if not organs:
         raise InputError(f"{dataset}: its labels name none of the model's organs ({', '.join(card.get('organs', []))}).")
     needed = {v for o in organs for v in organ_label_values(info.labels, engine.vocabulary, o)}  # read no other mask
-    for lesion, hosts in lesions_counted(info.labels, engine.vocabulary).items():
-        log.info("label %r counted as part of %s (a lesion lies in its organ)", lesion, " and ".join(hosts))
+    log_lesions_counted(info.labels, engine.vocabulary)
     rows: list[OrganScore] = []
     regions: dict[str, str] = {}
     unusable: dict[str, str] = {}  # case -> why it could not be scored

@@ -2,6 +2,7 @@
 own name, one label for both sides (split at the body's midline), and lesions that count as their organ."""
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import numpy as np
@@ -9,6 +10,8 @@ import SimpleITK as sitk
 
 from .prompts import Vocabulary, label_key
 from .volume import body_centre
+
+log = logging.getLogger(__name__)
 
 
 #: Label names of public datasets that are neither a name nor a synonym of the vocabulary's organs.
@@ -73,6 +76,12 @@ def organ_label_values(labels: dict[str, int], vocabulary: Vocabulary, organ: st
 def lesions_counted(labels: dict[str, int], vocabulary: Vocabulary) -> dict[str, tuple[str, ...]]:
     """Lesion labels whose voxels count as their organ's, for the log: train and evaluate say so."""
     return {n: role.organs for n, role in label_organs(labels, vocabulary).items() if role.lesion and role.organs}
+
+
+def log_lesions_counted(labels: dict[str, int], vocabulary: Vocabulary) -> None:
+    """Say which lesion labels train and evaluate count as their organ's: it changes what is learnt and scored."""
+    for lesion, hosts in lesions_counted(labels, vocabulary).items():
+        log.info("label %r counted as part of %s (a lesion lies in its organ)", lesion, " and ".join(hosts))
 
 
 def organ_mask(label: np.ndarray, image: sitk.Image, labels: dict[str, int], vocabulary: Vocabulary, organ: str,

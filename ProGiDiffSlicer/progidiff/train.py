@@ -24,8 +24,8 @@ from . import checkpoints
 from .data import BODY_SCALE, PreparedCase, SliceDataset, prepare_case, unseen_organ_ends, untrainable_organs
 from .datasets import cases_in_split, read_dataset
 from .errors import InputError
-from .label_names import dataset_organs, lesions_counted
 from .interrupts import StopRequest, ignore_interrupts_in_worker
+from .label_names import dataset_organs, log_lesions_counted
 from .model import ProGiDiffModel, small_unet_config
 from .outputs import check_output_dir
 from .prompts import TextEncoder, Vocabulary
@@ -283,8 +283,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise InputError(f"--body-scale MIN MAX needs 0.2 <= MIN <= MAX <= 5 (times as large), got {lo:g} {hi:g}.")
     info = read_dataset(cfg.dataset)
     cfg.organs = organs_to_train(cfg, info.labels, vocab)
-    for lesion, hosts in lesions_counted(info.labels, vocab).items():
-        log.info("label %r counted as part of %s (a lesion lies in its organ)", lesion, " and ".join(hosts))
+    log_lesions_counted(info.labels, vocab)
     # Before the grid: a model to fine-tune brings its own grid.
     init = _load_init(cfg) if cfg.init_from else None
     grid = GridSpec(tuple(cfg.grid_spacing), (cfg.grid_size, cfg.grid_size))
