@@ -59,6 +59,11 @@ def render(card: dict) -> str:
                      f"{', in ' + str(len(chain)) + ' runs' if len(chain) > 1 else ''}; "
                      f"command{'s, in order' if len(chain) > 1 else ''}: {'; '.join(f'`{c}`' for c in chain)}): "
                      f"**{first + t.get('seconds', 0) / 60:.1f} min in all**")
+    if t.get("weight_average_of"):
+        parts = [f"`{i.get('model')}` (seed {i.get('seed')}, {(i.get('seconds') or 0) / 60:.1f} min: `{i.get('command')}`)"
+                 for i in t["weight_average_of"]]
+        lines.append(f"- **The mean of the weights of {len(parts)} fine-tunes** (the wall time above is theirs summed): "
+                     + "; ".join(parts))
     if t.get("holdout_z_mm"):
         lines.append(f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}")
     if t.get("holdout_cases"):

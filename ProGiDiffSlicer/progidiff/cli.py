@@ -459,6 +459,32 @@ def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+EPILOG_AVERAGE = """example:
+  for s in 0 1 2; do progidiff train DATASET -o ft-$s --init-from Resources/Models/progidiff-ct-abdomen --stage2-steps 600 --seed $s; done
+  progidiff average ft-0 ft-1 ft-2 -o my_model   # then: progidiff evaluate my_model DATASET -o eval/
+"""
+
+
+def _add_average(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("average", help="average the weights of fine-tunes of one model (a model soup)",
+                       description="Write the mean of the weights of two or more fine-tunes of one model (train "
+                                   "--init-from with the same options and held-out slab, other --seed): one model of "
+                                   "the same size and speed that depends less on one training draw.",
+                       epilog=EPILOG_AVERAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", help="model folders written by progidiff train --init-from")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
+
+
+def _run_average(a: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .soup import average_models
+
+    with cancel_on_signals():
+        out = average_models(a.models, a.output, command="progidiff " + shlex.join(argv), overwrite=a.overwrite)
+    print(f"model saved to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="progidiff", description="Prompt-guided diffusion segmentation proposals for CT/MR.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -469,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refine(sub)
     _add_adapt(sub)
     _add_bench(sub)
+    _add_average(sub)
     return parser
 
 
@@ -483,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    runners = {"train": _run_train, "segment": _run_segment, "evaluate": _run_evaluate, "refine": _run_refine, "adapt": _run_adapt, "bench": _run_bench}
+    runners = {"train": _run_train, "segment": _run_segment, "evaluate": _run_evaluate, "refine": _run_refine, "adapt": _run_adapt, "bench": _run_bench,
+               "average": _run_average}
     try:
         return runners[a.command](a, argv)
     except ProGiDiffError as exc:
