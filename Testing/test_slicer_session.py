@@ -127,3 +127,13 @@ def test_notice_says_when_the_scan_shows_an_organ_end_the_model_never_saw(result
     assert last.startswith("⚠ The model never saw the superior end of the liver in training")
     assert last.endswith("check the proposals' top slices.")
     assert "never saw" not in ProposalSession(FakeScene(), replace(result, unseen_ends=[]), "volume").notice()
+
+
+def test_notice_says_when_the_organ_meets_the_model_window_s_edge(result):
+    from dataclasses import replace
+
+    s = ProposalSession(FakeScene(), replace(result, window_cut=["right"]), "volume")
+    last = s.notice().splitlines()[-1]
+    window = result.grid.GetSize()[0] * result.grid.GetSpacing()[0]
+    assert last.startswith(f"⚠ The liver reaches the edge of the model's {window:.0f} mm window on the patient's right side")
+    assert "window" not in ProposalSession(FakeScene(), replace(result, window_cut=[]), "volume").notice()

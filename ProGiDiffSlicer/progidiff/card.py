@@ -31,6 +31,14 @@ def unseen_end_warning(organ: str, ends: list[str]) -> str:
             f"off there), and this scan shows {'them' if len(ends) > 1 else 'it'}: check the proposals' {where} slices.")
 
 
+def window_cut_warning(organ: str, sides: list[str], window_mm: float) -> str:
+    """What segment says when the ranked-first proposal reaches the edge of the model's window
+    (``engine.window_sides_cut``) and the scan goes on beyond it."""
+    return (f"The {organ} reaches the edge of the model's {window_mm:.0f} mm window on the patient's "
+            f"{' and '.join(sides)} side{'s' * (len(sides) > 1)}, and the scan goes on beyond it: the model sees "
+            f"nothing there, so the proposals stop at that edge. Check the {organ}'s {' and '.join(sides)} border.")
+
+
 def render(card: dict) -> str:
     t = card.get("training", {})
     adapter = card.get("kind") == "lora-adapter"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .card import unseen_end_warning
+from .card import unseen_end_warning, window_cut_warning
 from .errors import Cancelled, ProGiDiffError
 from .interrupts import cancel_on_signals
 
@@ -260,6 +260,9 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
                   f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
             if report["unseen_organ_ends"]:
                 log.warning(unseen_end_warning(report["organ_display"].lower(), report["unseen_organ_ends"]))
+            if report["cut_by_model_window"]:
+                log.warning(window_cut_warning(report["organ_display"].lower(), report["cut_by_model_window"],
+                                               report["model_window_mm"]))
         if failed:
             print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
         return failed

@@ -24,7 +24,7 @@ from .proposals import (ProposalSet, bounding_box, engine_consensus, kji_to_worl
                         volumes_ml)
 from .sampling import SCHEDULERS, sample_proposals
 from .volume import (EMPTY_BOX, GridSpec, Scan, body_axis_coords, body_slices, context_slices, guess_modality,
-                     is_empty, masks_from_model_grid, on_model_grid, organ_box)
+                     is_empty, masks_from_model_grid, on_model_grid, organ_box, physical_bounds)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,9 @@ class SegmentResult:
     #: Ends of the organ ("superior", "inferior") that no training slice showed (the model card's
     #: training.unseen_organ_ends) and that this scan shows: the ranked-first proposal ends inside it.
     unseen_ends: list[str] = field(default_factory=list)
+    #: Sides of the model's in-plane window ("right", "left", "anterior", "posterior", the patient's)
+    #: that the ranked-first proposal reaches while the scan goes on beyond them: the organ may be cut there.
+    window_cut: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -336,7 +339,32 @@ class Engine:
             seconds=time.time() - t0, diameters_mm=[largest_diameter_mm(m, to_world) for m in block],
             adapter=p["adapter"], timings=timings, consensus_rule=rule,
             unseen_ends=ends_shown(grid_masks[order[0]], p["idx"],
-                                   self.card.get("training", {}).get("unseen_organ_ends", {}).get(p["res"].organ.name, [])))
+                                   self.card.get("training", {}).get("unseen_organ_ends", {}).get(p["res"].organ.name, [])),
+            window_cut=window_sides_cut(grid_masks[order[0]], ref, scan.image))
+
+
+#: The model grid's in-plane axes are world x and y (LPS): x grows to the patient's left, y to the back.
+_WINDOW_SIDES = (("right", 0, 0), ("left", 0, -1), ("anterior", 1, 0), ("posterior", 1, -1))
+
+
+def window_sides_cut(mask: np.ndarray, ref: sitk.Image, image: sitk.Image) -> list[str]:
+    """The sides of the model's in-plane window (``ref``: a fixed square, 384 mm for the shipped model,
+    centred on the body) where the organ ``mask`` (Z, H, W on ``ref``) reaches the window's edge while
+    the scan goes on beyond it. The model sees nothing past that edge, so the proposals stop there
+    whatever the organ does. The training CT's body is 363 mm wide and its spleen reaches 146 mm from
+    the body's centre, so a much larger person's lateral organs can meet the edge."""
+    if not mask.any():
+        return []
+    lo, hi = physical_bounds(image)
+    origin, spacing, size = np.array(ref.GetOrigin()), np.array(ref.GetSpacing()), np.array(ref.GetSize())
+    far = origin + spacing * (size - 1)
+    touches = {0: mask.any(axis=(0, 1)), 1: mask.any(axis=(0, 2))}  # per column (x), per row (y)
+    out = []
+    for side, axis, end in _WINDOW_SIDES:
+        beyond = lo[axis] < origin[axis] - spacing[axis] / 2 if end == 0 else hi[axis] > far[axis] + spacing[axis] / 2
+        if touches[axis][end] and beyond:
+            out.append(side)
+    return out
 
 
 def ends_shown(mask: np.ndarray, body: np.ndarray, ends: list[str]) -> list[str]:

@@ -46,10 +46,17 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "review": bool(result.ranking.review),
         "consensus_rule": result.consensus_rule,
         "unseen_organ_ends": list(result.unseen_ends),
+        "model_window_mm": round(window_mm(result), 1),
+        "cut_by_model_window": list(result.window_cut),
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
         "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),
                  "origin": list(result.image.GetOrigin()), "direction": list(result.image.GetDirection())},
     }
+
+
+def window_mm(result: SegmentResult) -> float:
+    """The width of the model's in-plane window (its grid's extent, e.g. 64 px x 6 mm = 384 mm)."""
+    return float(result.grid.GetSize()[0] * result.grid.GetSpacing()[0])
 
 
 def _range(values, digits: int) -> dict:
@@ -78,7 +85,8 @@ def write_result(result: SegmentResult, engine: Engine, outdir: Path, overwrite:
             title = (f"{result.organ.display}: {len(result.masks)} proposals · agreement {result.ranking.agreement:.2f}"
                      f" · {report['volume_ml']['median']:.0f} mL (median)"
                      + (" · REVIEW CAREFULLY" if result.ranking.review else "")
-                     + "".join(f" · {e} end unseen in training" for e in result.unseen_ends))
+                     + "".join(f" · {e} end unseen in training" for e in result.unseen_ends)
+                     + "".join(f" · cut at the window's {s} edge" for s in result.window_cut))
             render_overview(result.grid_image, result.grid_masks, result.grid.GetSpacing(), tmp / "overview.png", title)
             for job in jobs:
                 job.result()  # a failed write raises here, and staging leaves no half-written output
