@@ -4,6 +4,7 @@ says so: the proposals stop at the edge whatever the organ does (a large person'
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from progidiff.card import window_cut_warning
@@ -53,15 +54,19 @@ def test_the_warning_names_the_sides_and_the_window():
     assert "left and posterior sides" in window_cut_warning("liver", ["left", "posterior"], 384.0)
 
 
-def test_segment_warns_when_a_wide_body_s_spleen_meets_the_window_edge(tmp_path, caplog):
+def test_segment_warns_when_a_wide_body_s_spleen_meets_the_window_edge(tmp_path, caplog, monkeypatch):
     """The shipped model on the sample CT with its in-plane spacing 1.6x as large (a body 580 mm wide: the
-    spleen lies partly beyond the 384 mm window on the patient's left) warns in report.json and on the
-    command line; on the sample as it is (363 mm wide) it says nothing."""
+    spleen lies partly beyond 384 mm) with the window kept at the model's 384 mm, as it is where a body
+    is wider than the widest window (MAX_WINDOW_FACTOR): report.json and the command line say so; on
+    the sample as it is (363 mm wide) nothing is said. With the window widened (the default) the same
+    wide scan's spleen lies inside it."""
     import json
     import logging
     from pathlib import Path
 
-    from progidiff import cli
+    from progidiff import cli, volume
+
+    monkeypatch.setattr(volume, "MAX_WINDOW_FACTOR", 1.0)
 
     sample = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "sample-ct-abdomen.nii.gz"
     wide = sitk.ReadImage(str(sample))
@@ -77,5 +82,61 @@ def test_segment_warns_when_a_wide_body_s_spleen_meets_the_window_edge(tmp_path,
                              "--modality", "CT", "-o", str(out)]) == 0
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
         assert report["cut_by_model_window"] == cut and report["model_window_mm"] == 384.0
-        said = [r.getMessage() for r in caplog.records if "window" in r.getMessage()]
+        said = [r.getMessage() for r in caplog.records if "reaches the edge" in r.getMessage()]
         assert said == ([window_cut_warning("spleen", ["left"], 384.0)] if cut else [])
+    monkeypatch.undo()
+    out = tmp_path / "out-widened"
+    assert cli.main(["segment", str(wide_path), "--prompt", "spleen", "-n", "2", "--steps", "2", "--device", "cpu",
+                     "--modality", "CT", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["cut_by_model_window"] == [] and report["model_window_mm"] == 576.0
+
+
+def _body_scan(width_mm: float, depth_mm: float = 260.0, table_mm: float = 0.0) -> sitk.Image:
+    """A CT of air with an elliptical water body (and, if asked, a CT table under it, 20 mm of plastic
+    separated from the body by 30 mm of air), 4 mm voxels, 12 slices."""
+    side = int(max(width_mm, table_mm, 400) / 4) + 20
+    yy, xx = np.mgrid[:side, :side]
+    c = (side - 1) / 2
+    plane = np.full((side, side), -1000, np.int16)
+    plane[((xx - c) * 4 / (width_mm / 2)) ** 2 + ((yy - c) * 4 / (depth_mm / 2)) ** 2 <= 1] = 40
+    if table_mm:
+        top = int(c + (depth_mm / 2 + 30) / 4)
+        plane[top:top + 5, int(c - table_mm / 8):int(c + table_mm / 8)] = 100
+    img = sitk.GetImageFromArray(np.repeat(plane[None], 12, 0))
+    img.SetSpacing((4.0, 4.0, 5.0))
+    img.SetOrigin((-c * 4, -c * 4, 0.0))
+    return img
+
+
+def test_the_window_widens_to_hold_a_wide_body_and_only_then():
+    from progidiff.volume import MAX_WINDOW_FACTOR, GridSpec, body_reach_mm, body_window
+
+    grid = GridSpec((6.0, 6.0, 5.0), (64, 64))
+    # 360 mm wide: inside the 384 mm window; 420 mm: 18 mm past each side, within the tolerance
+    assert body_window(_body_scan(360), grid, "CT") is grid
+    assert body_window(_body_scan(420), grid, "CT") is grid
+    assert body_reach_mm(_body_scan(480), "CT")[0] == pytest.approx(240, abs=8)
+    # 240 mm from the centre, 24 mm tolerated: 2 x 216 mm / 6 mm + 1 = 73 px, in steps of 8: 80
+    assert body_window(_body_scan(480), grid, "CT").size == (80, 80)
+    # a wide CT table under a narrow body does not count
+    assert body_window(_body_scan(360, table_mm=560), grid, "CT") is grid
+    # the cap: twice the model's window
+    assert body_window(_body_scan(1200), grid, "CT").size == (int(64 * MAX_WINDOW_FACTOR),) * 2
+    # in steps of the network's multiple
+    assert body_window(_body_scan(480), grid, "CT", multiple=16).size[0] % 16 == 0
+
+
+def test_the_engine_samples_a_wide_body_on_the_wider_window_and_maps_it_back(tiny_engine):
+    """The tiny model (32 px of 12 mm: a 384 mm window) on a body 560 mm wide: it samples a 48 px window
+    (a multiple of its 8 px) and the proposals come back on the scan's own grid."""
+    from progidiff.engine import SegmentOptions
+    from progidiff.volume import Scan
+
+    img = _body_scan(560)
+    result = tiny_engine.segment(Scan(img, "wide"), "liver", SegmentOptions(proposals=2, steps=1, modality="CT"))
+    assert result.grid.GetSize()[:2] == (48, 48) and result.grid.GetSpacing()[:2] == (12.0, 12.0)
+    assert result.grid_masks.shape[-2:] == (48, 48)
+    assert result.masks.shape == (2,) + sitk.GetArrayViewFromImage(img).shape
+    narrow = tiny_engine.segment(Scan(_body_scan(360), "narrow"), "liver", SegmentOptions(proposals=1, steps=1, modality="CT"))
+    assert narrow.grid.GetSize()[:2] == (32, 32)

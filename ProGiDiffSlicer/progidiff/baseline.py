@@ -177,7 +177,8 @@ class Baseline:
         turn, and resampling the scan again per organ cost about 0.3 s each."""
         if self._last is not None and self._last[0] is scan.image and self._last[1] == modality:
             return self._last[2], self._last[3]
-        ref, vol = on_model_grid(scan.image, self.grid, modality)
+        # A wide body gets a wider window, as the diffusion model's (3 halvings: steps of 8 px).
+        ref, vol = on_model_grid(scan.image, self.grid, modality, fit_body=2 ** (len(self.card["network"]["channels"]) - 1))
         stack = torch.as_tensor(context_slices(vol, self.context))
         if self.guidance:
             c = torch.as_tensor(body_axis_coords(vol)).reshape(-1, 1, 1, 1).expand(len(vol), 1, *vol.shape[1:])

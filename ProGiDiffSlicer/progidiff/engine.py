@@ -231,7 +231,7 @@ class Engine:
                 log.warning("modality assumed %s from the %s; pass --modality to override", modality, reason)
         else:
             modality, reason = opts.modality, "given"
-        ref, vol = on_model_grid(scan.image, self.grid, modality)
+        ref, vol = on_model_grid(scan.image, self.grid, modality, fit_body=self.model.window_multiple())
         stack = context_slices(vol, self.model.config.context)
         # Slices with no body (air only) are not sampled: they cost time and can only add false positives.
         idx = body_slices(vol)
@@ -348,11 +348,11 @@ _WINDOW_SIDES = (("right", 0, 0), ("left", 0, -1), ("anterior", 1, 0), ("posteri
 
 
 def window_sides_cut(mask: np.ndarray, ref: sitk.Image, image: sitk.Image) -> list[str]:
-    """The sides of the model's in-plane window (``ref``: a fixed square, 384 mm for the shipped model,
-    centred on the body) where the organ ``mask`` (Z, H, W on ``ref``) reaches the window's edge while
-    the scan goes on beyond it. The model sees nothing past that edge, so the proposals stop there
-    whatever the organ does. The training CT's body is 363 mm wide and its spleen reaches 146 mm from
-    the body's centre, so a much larger person's lateral organs can meet the edge."""
+    """The sides of the model's in-plane window (``ref``: a square centred on the body, 384 mm for the
+    shipped model, widened for a wide body by ``volume.body_window``) where the organ ``mask`` (Z, H, W
+    on ``ref``) reaches the window's edge while the scan goes on beyond it. The model sees nothing past
+    that edge, so the proposals stop there whatever the organ does. With the window widened this is left
+    for a body wider than the widest window, or one within the tolerance of the edge."""
     if not mask.any():
         return []
     lo, hi = physical_bounds(image)

@@ -146,6 +146,11 @@ class ProGiDiffModel(nn.Module, ConfigMixin):
         w, h = self.config.grid_size
         return h // self.latent_factor, w // self.latent_factor
 
+    def window_multiple(self) -> int:
+        """The pixels a window's side must be a multiple of: the codec's factor times the UNet's
+        downsampling (3 halvings for the shipped model's 4 blocks: 8 px)."""
+        return self.latent_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+
     def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) in {0, 1} → diffusion space."""
         x = mask.float() * 2 - 1

@@ -95,7 +95,8 @@ def sample_proposals(model, images: np.ndarray | torch.Tensor, text_states: torc
     S = imgs.shape[0]
     N = len(seeds)
     c = model.latent_channels
-    h, w = model.latent_size()
+    # The window's size is the images' (a wide body's is wider than the model's own: volume.body_window).
+    h, w = (int(s) // model.latent_factor for s in imgs.shape[-2:])
     sched = make_scheduler(scheduler, model.config)
     sched.set_timesteps(steps, device="cpu")
     timesteps = sched.timesteps
