@@ -14,7 +14,8 @@
 # Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, the nine before the fatty liver, which takes 2.1 min more;
 # earlier runs took up to 35 min for eight, sharing the CPU).
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
-#   PRESENTATION (e.g. ct-thin-noisy): evaluate only these again; the tables are rebuilt from every report.
+#   PRESENTATION (e.g. ct-thin-noisy): evaluate only these again; the tables are rebuilt from every report
+#   ("-": evaluate none, only rebuild the tables).
 #   INTO_CARD="ct-fatty-liver ..." (environment): also record these presentations' results in the model card
 #   (evaluate --into-card), as scripts/ship_default_model.sh does for the ones the card shows.
 set -euo pipefail
@@ -40,6 +41,7 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/ct-painted-mr-person" ] || $PY scripts/paint_ct_from_labels.py ../shared/data/mr-abdomen $DATA "$RUNS/ct-painted-mr-person"
 report_dir() { [ "$1" = ct-painted-mr-person ] && echo docs/evaluation/ct-painted/mr-person || echo "docs/evaluation/$1"; }
 for v in $ONLY; do
+  [ "$v" = - ] && continue
   mkdir -p "$(report_dir $v)"
   card=(); case " ${INTO_CARD:-} " in *" $v "*) card=(--into-card) ;; esac
   $P evaluate $CT "$RUNS/$v" -n 8 --overwrite "${card[@]}" -o "$(report_dir $v)"
