@@ -62,6 +62,8 @@ done
   echo "with a fatty liver, the liver 40 HU darker than its own 46 HU (steatosis; \`scripts/enhance_dataset_contrast.py --organ liver=-40\`);"
   echo "a heavier body of the same build: 40 mm more subcutaneous fat (-100 HU under a 2 mm skin, with the scan's own noise), the organs unchanged,"
   echo "the body cut off where it now reaches the scan's 366 × 303 mm field of view (\`scripts/add_body_fat.py\`)."
+  echo "The engine widens its 384 mm in-plane window for a body that reaches more than 24 mm past it (since 2026-12-07;"
+  echo "[body-window](body-window/README.md)): of these, only the body 1.15× as wide, seen through 432 mm (72 px); before, its mean was 0.703."
   echo "One person: these ten measure robustness to acquisition, body size and a smooth warp of the same anatomy, not to another person's anatomy (organ shapes, pathology)."
   echo "The last row is the nearest to that here: the MR person's labels painted as CT with the CT person's Hounsfield units, whole scan (60 mm of upper abdomen;"
   echo "\`scripts/paint_ct_from_labels.py\`). A painted scan has no gas, contents, ribs or texture, and its borders are its labels':"

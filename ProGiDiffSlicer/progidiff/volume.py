@@ -353,7 +353,7 @@ def body_window(image: sitk.Image, grid: GridSpec, modality: str, multiple: int 
     need = max(int(math.ceil(2 * (r - WINDOW_TOLERANCE_MM) / s)) + 1 for r, s in zip(reach, grid.spacing[:2]))
     cap = int(max(w, h) * MAX_WINDOW_FACTOR) // multiple * multiple
     size = min(cap, max(w, h, int(math.ceil(need / multiple)) * multiple))
-    log.info("body %.0f x %.0f mm from its centre: model window widened to %d px (%.0f mm)",
+    log.debug("body %.0f x %.0f mm from its centre: model window widened to %d px (%.0f mm)",
              *reach, size, size * grid.spacing[0])
     return GridSpec(grid.spacing, (size, size))
 
