@@ -5,8 +5,8 @@ stored RAS, LPS, LAS, permuted or oblique gives the same model input, and output
 resampled back exactly onto the input's grid.
 
 The *model grid* is an axis-aligned (identity direction) stack of axial slices at the
-model's spacing, ``size_xy`` pixels wide, centred in-plane on the body's centre of mass
-and covering the scan's whole superior-inferior extent.
+model's spacing, ``size_xy`` pixels wide (at inference, wider for a wide body: ``body_window``),
+centred in-plane on the body's centre of mass and covering the scan's whole superior-inferior extent.
 """
 from __future__ import annotations
 
