@@ -140,3 +140,25 @@ def test_the_engine_samples_a_wide_body_on_the_wider_window_and_maps_it_back(tin
     assert result.masks.shape == (2,) + sitk.GetArrayViewFromImage(img).shape
     narrow = tiny_engine.segment(Scan(_body_scan(360), "narrow"), "liver", SegmentOptions(proposals=1, steps=1, modality="CT"))
     assert narrow.grid.GetSize()[:2] == (32, 32)
+
+
+def test_evaluate_reports_the_widened_window(tmp_path, tiny_dataset, tiny_model):
+    """evaluate records each case's window; report.md names the cases seen through a wider one."""
+    import json
+    import shutil
+
+    from progidiff.evaluate import evaluate
+
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_dataset, wide)
+    for sub, name in (("imagesTr", "case_001_0000.nii.gz"), ("labelsTr", "case_001.nii.gz")):
+        img = sitk.ReadImage(str(wide / sub / name))
+        sx, sy, sz = img.GetSpacing()
+        img.SetSpacing((sx * 1.6, sy * 1.6, sz))
+        (wide / sub / name).unlink()
+        sitk.WriteImage(img, str(wide / sub / name.replace("case_001", "case_002")))  # not a training case
+    rep = evaluate(str(tiny_model), str(wide), tmp_path / "eval", proposals=2, steps=1, device="cpu", baseline=None)
+    assert rep["model_window_mm"] == 384.0
+    assert {c["window_mm"] for c in rep["cases"]} == {576.0}
+    assert "window widened for a wide body: `case_002` 576 mm" in (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "eval" / "report.json").read_text(encoding="utf-8"))["cases"][0]["window_mm"] == 576.0

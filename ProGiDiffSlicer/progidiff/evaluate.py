@@ -204,6 +204,8 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         "agreement": res.ranking.agreement,
                         "reference_ml": float(ref.sum()) * scan.voxel_volume_ml,
                         "seconds": res.seconds,
+                        # wider than the model's own for a wide body (volume.body_window)
+                        "window_mm": float(res.grid.GetSize()[0] * res.grid.GetSpacing()[0]),
                     }
                     base_mask = None
                     if base_net is not None and organ_name in base_net.organs:
@@ -321,6 +323,7 @@ def _summarise(rows, regions, engine, dataset, n, steps, seconds, command, descr
     return {"model": str(engine.model_dir), "dataset": str(dataset), "dataset_description": description,
             "proposals": n, "steps": steps,
             "device": str(engine.device), "seconds": round(seconds, 1), "command": command,
+            "model_window_mm": float(engine.grid.size[0] * engine.grid.spacing[0]),
             "evaluated_on": regions, "organs": organs, "mean_dice": mean,
             "cases": [{"case": r.case, "organ": r.organ, **r.metrics} for r in rows]}
 
@@ -345,6 +348,10 @@ def _markdown(rep: dict) -> str:
         lines += [f"The dataset, as its dataset.json describes it: {rep['dataset_description']}", ""]
     lines += ["Evaluated on" + (f" ({rep['selection']})" if rep.get("selection") else "") + ":"]
     lines += [f"- `{k}`: {v}" for k, v in rep["evaluated_on"].items()]
+    widened = {c["case"]: c["window_mm"] for c in rep["cases"] if c.get("window_mm", 0) > rep.get("model_window_mm", math.inf)}
+    if widened:
+        lines += [f"- the model's {rep['model_window_mm']:.0f} mm window widened for a wide body: "
+                  + ", ".join(f"`{c}` {w:.0f} mm" for c, w in widened.items())]
     if rep.get("skipped_training_cases"):
         n = len(rep["skipped_training_cases"])
         lines += [f"- not scored: {n} case(s) the model was trained on whole "
