@@ -108,6 +108,22 @@ def test_added_fat_grows_the_body_outward_only_and_leaves_the_inside_alone():
     assert after[15, 4, 10] == bf.FAT_HU and after[15, 3, 10] == bf.SKIN_HU
 
 
+def test_a_widened_field_of_view_keeps_every_voxel_where_it_was_and_the_label_on_its_grid():
+    bf = _load("add_body_fat")
+    img, lab = _image()                                  # 24 x 20 voxels of 3 mm: 72 x 60 mm
+    wide = bf.pad_fov(img, 120.0, -1000)
+    wide_lab = bf.pad_fov(lab, 120.0, 0)
+    assert wide.GetSize() == (24 + 2 * 8, 20 + 2 * 10, 30)  # at least 120 mm each way, evenly on both sides
+    assert wide_lab.GetSize() == wide.GetSize() and wide_lab.GetOrigin() == wide.GetOrigin()
+    for ijk in ((0, 0, 0), (23, 19, 29), (6, 5, 10)):      # the old voxels keep their world positions and values
+        shifted = (ijk[0] + 8, ijk[1] + 10, ijk[2])
+        assert np.allclose(img.TransformIndexToPhysicalPoint(ijk), wide.TransformIndexToPhysicalPoint(shifted))
+        assert img[ijk] == wide[shifted] and lab[ijk] == wide_lab[shifted]
+    fat = bf.add_fat(img, 6.0, np.random.default_rng(0), fov_mm=120.0)
+    assert fat.GetSize() == wide.GetSize() and fat.GetOrigin() == wide.GetOrigin()
+    assert bf.pad_fov(img, 30.0, -1000).GetSize() == img.GetSize()   # already wider: unchanged
+
+
 def test_anatomy_warp_moves_organs_in_plane_only_and_alike_in_scan_and_label():
     da = _load("deform_dataset_anatomy")
     img, lab = _image()

@@ -5,13 +5,16 @@ skin. The organs and their labels stay voxel for voxel; the scan keeps its size,
 now reaches the edge of the reconstructed field of view it is cut off there, as a large person's
 body often is. That is what a heavier person of the same build looks like on CT: the abdomen's
 girth is mostly fat outside the muscle wall, the organs do not grow with it (the body-scaled copies
-of scale_dataset_body.py grow the organs too).
+of scale_dataset_body.py grow the organs too). --fov-mm first widens the field of view (air around
+the scan, the label padded alike) so that the fat is not cut off, as on a scanner's 500 mm field.
 
 example:
   python scripts/add_body_fat.py ../shared/data/ct-abdomen /tmp/ct-body-fat --fat-mm 40
+  python scripts/add_body_fat.py ../shared/data/ct-abdomen /tmp/ct-body-fat-500 --fat-mm 40 --fov-mm 500
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -38,15 +41,26 @@ def body_outline(slice_hu: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(regions == largest)
 
 
-def add_fat(image: sitk.Image, fat_mm: float, rng: np.random.Generator) -> sitk.Image:
+def pad_fov(image: sitk.Image, fov_mm: float, value: float) -> sitk.Image:
+    """The image with its in-plane field of view widened to at least ``fov_mm`` (each axis, evenly on
+    both sides) with ``value``; voxels keep their world positions, so an image and its label padded
+    alike stay on one grid."""
+    pad = [max(0, int(math.ceil((fov_mm / s - n) / 2))) for s, n in zip(image.GetSpacing()[:2], image.GetSize()[:2])]
+    return sitk.ConstantPad(image, pad + [0], pad + [0], value)
+
+
+def add_fat(image: sitk.Image, fat_mm: float, rng: np.random.Generator, fov_mm: float = 0.0) -> sitk.Image:
     d = np.array(image.GetDirection()).reshape(3, 3)
     if int(np.argmax(np.abs(d[2, :]))) != 2:
         raise SystemExit("add_body_fat: the scan's slices are not its third axis (an axial stack); reorient it first")
     arr = sitk.GetArrayFromImage(image).astype(np.float32)
-    sx, sy = image.GetSpacing()[:2]
-    # the scan's own noise, from the air outside the body (its spread, robustly)
+    # the scan's own noise, from the air outside the body (its spread, robustly), before any padding
     air = arr[arr < -900]
     noise = float(1.4826 * np.median(np.abs(air - np.median(air)))) if air.size > 100 else 10.0
+    if fov_mm:
+        image = pad_fov(image, fov_mm, float(np.median(air)) if air.size else -1000.0)
+        arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    sx, sy = image.GetSpacing()[:2]
     for k in range(arr.shape[0]):
         body = body_outline(arr[k])
         if not body.any():
@@ -68,13 +82,20 @@ def add_fat(image: sitk.Image, fat_mm: float, rng: np.random.Generator) -> sitk.
 def main(argv: list[str] | None = None) -> int:
     p = copy_parser(__doc__)
     p.add_argument("--fat-mm", type=float, default=40.0, help="fat added outside the body's outline, mm (default 40)")
+    p.add_argument("--fov-mm", type=float, default=0.0,
+                   help="first widen the field of view to this many mm (air around the scan), so the fat is not cut off")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if not 5.0 <= a.fat_mm <= 150.0:
         p.error(f"--fat-mm {a.fat_mm} is outside 5-150 mm")
     rng = np.random.default_rng(a.seed)
     src, dst = Path(a.dataset), Path(a.output)
-    copy_dataset(src, dst, lambda image, label: image if label else add_fat(image, a.fat_mm, rng))
+    def change(image: sitk.Image, label: bool) -> sitk.Image:
+        if label:
+            return pad_fov(image, a.fov_mm, 0) if a.fov_mm else image
+        return add_fat(image, a.fat_mm, rng, a.fov_mm)
+
+    copy_dataset(src, dst, change)
     print(f"dataset with {a.fat_mm:g} mm more subcutaneous fat written to {dst}")
     return 0
 
