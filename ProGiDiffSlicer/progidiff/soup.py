@@ -4,7 +4,8 @@ Fine-tunes of one model that differ only in their training seed land in one basi
 their weights' mean is a model of the same size and sampling cost that keeps what all of them learned
 and little of what one draw picked up by chance. On the shipped model, the same 600 fine-tuning
 steps drawn with another seed lost the stomach of the held-out slab in three of five draws
-(docs/evaluation/fatty-liver); see docs/evaluation/weight-average for what the mean of three did.
+(docs/evaluation/fatty-liver); docs/evaluation/weight-average has what the mean of two of them did
+(it kept the loss: both had it).
 
 Only fine-tunes of one model (``train --init-from``, the same model and chain) on the same held-out
 slabs are averaged: two models trained from scratch share no basin, and their mean is noise.
