@@ -25,6 +25,8 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dataset_copy import copy_dataset, copy_parser  # noqa: E402
 
+from progidiff.volume import largest_region  # noqa: E402
+
 #: Subcutaneous fat and skin (HU), typical values.
 FAT_HU, SKIN_HU, SKIN_MM = -100.0, 30.0, 2.0
 #: A voxel above this is body (or table); below it, air.
@@ -34,11 +36,7 @@ BODY_HU = -400.0
 def body_outline(slice_hu: np.ndarray) -> np.ndarray:
     """The slice's body: its largest connected region above BODY_HU (the table, apart from it, is
     left out), holes (bowel gas, lungs) filled."""
-    regions, n = ndimage.label(slice_hu > BODY_HU)
-    if n == 0:
-        return np.zeros(slice_hu.shape, bool)
-    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(regions), regions, index=range(1, n + 1))))
-    return ndimage.binary_fill_holes(regions == largest)
+    return ndimage.binary_fill_holes(largest_region(slice_hu > BODY_HU))
 
 
 def pad_fov(image: sitk.Image, fov_mm: float, value: float) -> sitk.Image:

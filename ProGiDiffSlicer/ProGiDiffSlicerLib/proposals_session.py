@@ -66,10 +66,9 @@ class ProposalSession:
             lines.append("⚠ " + unseen_end_warning(self.result.organ.display.lower(), self.result.unseen_ends))
         if self.result.window_cut:
             from progidiff.card import window_cut_warning
-            from progidiff.segment import window_mm
 
             lines.append("⚠ " + window_cut_warning(self.result.organ.display.lower(), self.result.window_cut,
-                                                   window_mm(self.result)))
+                                                   self.result.window_mm))
         return "\n".join(lines)
 
     def label(self) -> str:

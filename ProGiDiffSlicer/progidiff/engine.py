@@ -24,7 +24,7 @@ from .proposals import (ProposalSet, bounding_box, engine_consensus, kji_to_worl
                         volumes_ml)
 from .sampling import SCHEDULERS, sample_proposals
 from .volume import (EMPTY_BOX, GridSpec, Scan, body_axis_coords, body_slices, context_slices, guess_modality,
-                     is_empty, masks_from_model_grid, on_model_grid, organ_box, physical_bounds)
+                     is_empty, largest_region, masks_from_model_grid, on_model_grid, organ_box, physical_bounds)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,12 @@ class SegmentResult:
     #: Sides of the model's in-plane window ("right", "left", "anterior", "posterior", the patient's)
     #: that the ranked-first proposal reaches while the scan goes on beyond them: the organ may be cut there.
     window_cut: list[str] = field(default_factory=list)
+
+    @property
+    def window_mm(self) -> float:
+        """The width of the in-plane window the model saw (its grid's extent: 64 px x 6 mm = 384 mm for the
+        shipped model, wider for a wide body)."""
+        return float(self.grid.GetSize()[0] * self.grid.GetSpacing()[0])
 
 
 class Engine:
@@ -396,17 +402,10 @@ def _union_box(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
 
 
 def _keep_largest(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep each proposal's largest 3D connected component: the vocabulary's organs are
-    single connected structures, and stray islands only hurt. scipy.ndimage rather than
-    MONAI's KeepLargestConnectedComponent, which needs scikit-image on the CPU."""
-    from scipy import ndimage
-
+    """Keep each proposal's largest 3D connected component (26-connected): the vocabulary's organs
+    are single connected structures, and stray islands only hurt."""
     out_m = np.zeros_like(masks)
     for i, m in enumerate(masks):
-        if not m.any():
-            continue
-        lab, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        out_m[i] = lab == int(sizes.argmax())
+        if m.any():
+            out_m[i] = largest_region(m, np.ones((3, 3, 3), bool))
     return probs * out_m, out_m

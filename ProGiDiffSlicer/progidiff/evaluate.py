@@ -205,7 +205,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         "reference_ml": float(ref.sum()) * scan.voxel_volume_ml,
                         "seconds": res.seconds,
                         # wider than the model's own for a wide body (volume.body_window)
-                        "window_mm": float(res.grid.GetSize()[0] * res.grid.GetSpacing()[0]),
+                        "window_mm": res.window_mm,
                     }
                     base_mask = None
                     if base_net is not None and organ_name in base_net.organs:

@@ -46,17 +46,12 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "review": bool(result.ranking.review),
         "consensus_rule": result.consensus_rule,
         "unseen_organ_ends": list(result.unseen_ends),
-        "model_window_mm": round(window_mm(result), 1),
+        "model_window_mm": round(result.window_mm, 1),
         "cut_by_model_window": list(result.window_cut),
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
         "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),
                  "origin": list(result.image.GetOrigin()), "direction": list(result.image.GetDirection())},
     }
-
-
-def window_mm(result: SegmentResult) -> float:
-    """The width of the model's in-plane window (its grid's extent, e.g. 64 px x 6 mm = 384 mm)."""
-    return float(result.grid.GetSize()[0] * result.grid.GetSpacing()[0])
 
 
 def _range(values, digits: int) -> dict:

@@ -320,21 +320,30 @@ WINDOW_TOLERANCE_MM = 24.0
 MAX_WINDOW_FACTOR = 2.0
 
 
+def largest_region(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    """The largest connected region of ``mask`` (scipy.ndimage's connectivity: faces only unless
+    ``structure`` says otherwise); all False where ``mask`` is empty. scipy.ndimage rather than MONAI's
+    KeepLargestConnectedComponent, which needs scikit-image on the CPU."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask, structure=structure)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(sizes.argmax())
+
+
 def body_reach_mm(image: sitk.Image, modality: str) -> np.ndarray:
     """How far (mm, world x and y) the body reaches from its centre of mass (``body_centre``) on any
     slice: each slice's largest connected region only, so a CT table or a separate arm does not count."""
-    from scipy import ndimage
-
     body, lo, hi = _coarse_body(image, modality)
     centre = _centre_of(body, lo, hi)
     reach = np.zeros(2)
     for plane in body:
-        lab, n = ndimage.label(plane)
-        if n == 0:
+        if not plane.any():
             continue
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        yy, xx = np.nonzero(lab == sizes.argmax())
+        yy, xx = np.nonzero(largest_region(plane))
         for axis, idx in ((0, xx), (1, yy)):
             w = lo[axis] + idx * _BODY_STEP
             reach[axis] = max(reach[axis], centre[axis] - w.min(), w.max() - centre[axis])
