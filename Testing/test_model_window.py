@@ -92,14 +92,18 @@ def test_segment_warns_when_a_wide_body_s_spleen_meets_the_window_edge(tmp_path,
     assert report["cut_by_model_window"] == [] and report["model_window_mm"] == 576.0
 
 
-def _body_scan(width_mm: float, depth_mm: float = 260.0, table_mm: float = 0.0) -> sitk.Image:
+def _body_scan(width_mm: float, depth_mm: float = 260.0, table_mm: float = 0.0, arm_mm: float = 0.0) -> sitk.Image:
     """A CT of air with an elliptical water body (and, if asked, a CT table under it, 20 mm of plastic
-    separated from the body by 30 mm of air), 4 mm voxels, 12 slices."""
-    side = int(max(width_mm, table_mm, 400) / 4) + 20
+    separated from the body by 30 mm of air, or an upper arm ``arm_mm`` across lying against the body's
+    right side, pressed 10 mm into it as an arm at rest is), 4 mm voxels, 12 slices."""
+    side = int(max(width_mm + 2 * arm_mm, table_mm, 400) / 4) + 20
     yy, xx = np.mgrid[:side, :side]
     c = (side - 1) / 2
     plane = np.full((side, side), -1000, np.int16)
     plane[((xx - c) * 4 / (width_mm / 2)) ** 2 + ((yy - c) * 4 / (depth_mm / 2)) ** 2 <= 1] = 40
+    if arm_mm:
+        arm_x = c - (width_mm / 2 + arm_mm / 2 - 10) / 4
+        plane[((xx - arm_x) * 4 / (arm_mm / 2)) ** 2 + ((yy - c) * 4 / (arm_mm * 0.6)) ** 2 <= 1] = 40
     if table_mm:
         top = int(c + (depth_mm / 2 + 30) / 4)
         plane[top:top + 5, int(c - table_mm / 8):int(c + table_mm / 8)] = 100
@@ -110,7 +114,7 @@ def _body_scan(width_mm: float, depth_mm: float = 260.0, table_mm: float = 0.0) 
 
 
 def test_the_window_widens_to_hold_a_wide_body_and_only_then():
-    from progidiff.volume import MAX_WINDOW_FACTOR, GridSpec, body_reach_mm, body_window
+    from progidiff.volume import MAX_WINDOW_FACTOR, GridSpec, body_reach_mm, body_window, largest_region
 
     grid = GridSpec((6.0, 6.0, 5.0), (64, 64))
     # 360 mm wide: inside the 384 mm window; 420 mm: 18 mm past each side, within the tolerance
@@ -121,6 +125,13 @@ def test_the_window_widens_to_hold_a_wide_body_and_only_then():
     assert body_window(_body_scan(480), grid, "CT").size == (80, 80)
     # a wide CT table under a narrow body does not count
     assert body_window(_body_scan(360, table_mm=560), grid, "CT") is grid
+    # nor an arm lying against its side (PET/CT, trauma CT): one connected region with the body, reaching
+    # 232 mm from its centre, for which the largest region alone widened the window to 432 mm
+    armed = _body_scan(360, arm_mm=90)
+    plane = sitk.GetArrayFromImage(armed)[0] > -500
+    assert largest_region(plane).sum() == plane.sum()
+    assert body_reach_mm(armed, "CT")[0] == pytest.approx(180, abs=12)
+    assert body_window(armed, grid, "CT") is grid
     # the cap: twice the model's window
     assert body_window(_body_scan(1200), grid, "CT").size == (int(64 * MAX_WINDOW_FACTOR),) * 2
     # in steps of the network's multiple

@@ -323,3 +323,43 @@ def test_consensus_agreement_gate_uses_the_ranked_first_below_the_threshold(tmp_
     gated = cg.gate(rows, 0.6)  # the first pair falls back to its ranked-first proposal
     assert gated["below"] == 1 and abs(gated["worst"] + 0.01) < 1e-9 and gated["fallbacks"] == 1
     assert abs(gated["mean"] - (0.0 + 0.10 - 0.01) / 3) < 1e-9
+
+
+def test_petct_dataset_is_built_from_a_totalsegmentator_source_archive(tmp_path):
+    """scripts/make_petct_dataset.py on a stand-in for TotalSegmentator's source archive (a DICOM series, a
+    label map stored in another axis order, map_to_binary.py): a dataset that evaluate reads, the scan's
+    HU and world geometry kept, the label on its grid once reoriented, the names of the "total" classes."""
+    import tarfile
+
+    from conftest import write_dicom_series
+    from progidiff.datasets import read_dataset, read_label
+    from progidiff.errors import InputError
+    from progidiff.volume import read_scan
+
+    mp = _load("make_petct_dataset")
+    img, lab = _image(direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    src = tmp_path / "totalsegmentator-9.9" / "tests" / "reference_files"
+    write_dicom_series(img, src / "example_ct_dicom")
+    lab = sitk.Flip(lab * 5, [False, True, False])        # the liver's value, stored with y reversed as the real file is
+    sitk.WriteImage(lab, str(src / "example_seg_dicom.nii.gz"))
+    code = tmp_path / "totalsegmentator-9.9" / "totalsegmentator"
+    code.mkdir()
+    (code / "map_to_binary.py").write_text('import x\nclass_map = {\n  "other": {1: "a"},\n  "total": {1: "spleen", 5: "liver"},\n}\n')
+    (tmp_path / "totalsegmentator-9.9" / "LICENSE").write_text("Apache License")
+    sdist = tmp_path / "ts.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(tmp_path / "totalsegmentator-9.9", arcname="totalsegmentator-9.9")
+    with pytest.raises(InputError, match="sha256"):
+        mp.build(sdist, tmp_path / "refused")
+    out = mp.build(sdist, tmp_path / "ds", check_hash=False)
+    info = read_dataset(out)
+    assert info.labels == {"background": 0, "spleen": 1, "liver": 5} and info.modality == "CT"
+    assert [c.name for c in info.cases] == [mp.CASE]
+    scan = read_scan(info.cases[0].image)
+    assert np.array_equal(sitk.GetArrayFromImage(scan.image), sitk.GetArrayFromImage(img))
+    assert np.allclose(scan.image.GetOrigin(), img.GetOrigin()) and np.allclose(scan.image.GetSpacing(), img.GetSpacing())
+    label = sitk.GetArrayFromImage(read_label(info.cases[0], scan.image, info.labels))
+    assert np.array_equal(label == 5, sitk.GetArrayFromImage(img) > 0)
+    assert (out / "LICENSE-TotalSegmentator.txt").read_text() == "Apache License"
+    with pytest.raises(InputError, match="not empty"):
+        mp.build(sdist, out, check_hash=False)
