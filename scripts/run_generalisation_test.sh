@@ -11,7 +11,10 @@
 # (10) a heavier body: 40 mm more subcutaneous fat, cut off by the scan's field of view where it reaches it;
 # (11) the same on a 500 mm field of view, the fat whole (a body 443 mm wide, seen through a 432 mm window); and
 # (12) another person's anatomy: the MR person's labels painted as CT with the CT person's Hounsfield
-# units (whole scan; docs/evaluation/ct-painted has its control and what it cannot show).
+# units (whole scan; docs/evaluation/ct-painted has its control and what it cannot show); and
+# (13) a real CT of another person: a contrast-enhanced PET/CT slab of the upper abdomen, 0.98 x 0.98 x 2 mm,
+# arms at the sides, from TotalSegmentator's test files on PyPI (scripts/make_petct_dataset.py fetches it with
+# pip; docs/evaluation/ct-other-person-petct).
 # Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, the nine before the fatty liver, which takes 2.1 min more;
 # earlier runs took up to 35 min for eight, sharing the CPU).
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
@@ -23,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/generalisation}
 shift || true
-ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-body-fat-fov500 ct-painted-mr-person"
+ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-body-fat-fov500 ct-painted-mr-person ct-other-person-petct"
 ONLY=${*:-$ALL}
 DATA=../shared/data/ct-abdomen
 CT=Resources/Models/progidiff-ct-abdomen
@@ -41,6 +44,7 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/ct-body-fat-fov500" ] || $PY scripts/add_body_fat.py $DATA "$RUNS/ct-body-fat-fov500" --fat-mm 40 --fov-mm 500
 [ -d "$RUNS/ct-anatomy-warped" ] || $PY scripts/deform_dataset_anatomy.py $DATA "$RUNS/ct-anatomy-warped" --max-mm 20 --spacing-mm 100
 [ -d "$RUNS/ct-painted-mr-person" ] || $PY scripts/paint_ct_from_labels.py ../shared/data/mr-abdomen $DATA "$RUNS/ct-painted-mr-person"
+[ -d "$RUNS/ct-other-person-petct" ] || $PY scripts/make_petct_dataset.py "$RUNS/ct-other-person-petct"
 report_dir() { [ "$1" = ct-painted-mr-person ] && echo docs/evaluation/ct-painted/mr-person || echo "docs/evaluation/$1"; }
 for v in $ONLY; do
   [ "$v" = - ] && continue
@@ -72,6 +76,9 @@ done
   echo "The last row is the nearest to that here: the MR person's labels painted as CT with the CT person's Hounsfield units, whole scan (60 mm of upper abdomen;"
   echo "\`scripts/paint_ct_from_labels.py\`). A painted scan has no gas, contents, ribs or texture, and its borders are its labels':"
   echo "[ct-painted](ct-painted/README.md) has the CT person painted the same way as a control, three seeds and what it cannot show."
+  echo "The row after it is a real CT of another person, the only one here: the low-dose CT of a PET/CT (another scanner, 0.98 × 0.98 mm, 2 mm apart,"
+  echo "contrast-enhanced, arms at the sides), 40 mm of upper abdomen without kidneys or gallbladder, whole slab, labels TotalSegmentator predictions"
+  echo "(\`scripts/make_petct_dataset.py\`; [ct-other-person-petct](ct-other-person-petct/README.md) has three seeds and what it cannot show)."
   for m in ranked_first consensus baseline; do
     echo; echo "## ${m/_/-} Dice"; echo
     $PY scripts/compare_reports.py --metric $m "as shipped=docs/evaluation/ct-abdomen" "upper-abdomen field of view=docs/evaluation/ct-upper-fov" \
@@ -81,6 +88,7 @@ done
       "contrast-enhanced (portal-venous)=docs/evaluation/ct-portal-venous" "fatty liver (40 HU darker)=docs/evaluation/ct-fatty-liver" \
       "40 mm more subcutaneous fat=docs/evaluation/ct-body-fat" \
       "40 mm more fat, 500 mm field of view (432 mm window)=docs/evaluation/ct-body-fat-fov500" \
-      "another person's anatomy, painted as CT (whole scan)=docs/evaluation/ct-painted/mr-person"
+      "another person's anatomy, painted as CT (whole scan)=docs/evaluation/ct-painted/mr-person" \
+      "another person, a real PET/CT (upper abdomen, whole slab)=docs/evaluation/ct-other-person-petct"
   done
 } > docs/evaluation/ct-generalisation.md
