@@ -173,3 +173,14 @@ def test_card_shows_the_report_s_rounding(tmp_path, d):
     record_in_card(rep, tmp_path, None)
     json.loads((tmp_path / CARD_NAME).read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"{c} in the card"))
     assert f"| ivc | {d:.3f} | – |" in (tmp_path / "README.md").read_text(encoding="utf-8")
+
+
+def test_card_says_what_the_model_trained_on_not_what_the_shipped_one_did():
+    """A researcher's model card ends with its own data, not the shipped model's: it once told every
+    model trained on manual labels that its labels were TotalSegmentator predictions of one person."""
+    from progidiff.card import render
+
+    text = render({"name": "m", "modality": "CT", "training": {"dataset": "/data/Task09_Spleen", "cases": ["a", "b", "c"]}})
+    assert "Trained on 3 cases of `/data/Task09_Spleen`: expect lower accuracy on people, scanners and protocols unlike them." in text
+    assert "TotalSegmentator" not in text
+    assert "Trained on 1 case of `x`" in render({"training": {"dataset": "x", "cases": ["a"]}})

@@ -7,7 +7,7 @@
 #   3. the MR LoRA adapter is re-adapted on the new base with the shipped adapter's command (an adapter
 #      pins its base's sha256 and is refused on any other);
 #   4. every evaluation the cards and the README show is re-run: the held-out slab (--simulate-edits),
-#      the fatty liver and the painted other person (--into-card), the MR adapter (--into-card), the
+#      the fatty liver, the painted other person and the PET/CT of another person (--into-card), the MR adapter (--into-card), the
 #      rest of the generalisation test, and the bodies 1.3x and 1.45x as wide.
 # Steps 1-3 are skipped when their output is there, so a killed run goes on where it stopped;
 # step 4 evaluates everything again.
@@ -53,7 +53,7 @@ $P evaluate $CT $MR -n 8 --modality MR --baseline none --adapter $LORA --into-ca
 $P evaluate $CT $MR -n 8 --modality MR --baseline none --adapter none --region-from $LORA \
     -o docs/evaluation/mr-ct-no-adapter --overwrite
 # Makes the presentations it lacks, then evaluates all nine (the card records the two it shows) and rebuilds the tables.
-INTO_CARD="ct-fatty-liver ct-painted-mr-person" scripts/run_generalisation_test.sh $G
+INTO_CARD="ct-fatty-liver ct-painted-mr-person ct-other-person-petct" scripts/run_generalisation_test.sh $G
 for f in 1.3 1.45; do
   [ -d "$G/ct-body-x$f" ] || .venv/bin/python scripts/scale_dataset_body.py $DATA "$G/ct-body-x$f" --factor $f
   $P evaluate $CT "$G/ct-body-x$f" -n 8 --overwrite -o "docs/evaluation/ct-body-x$f"

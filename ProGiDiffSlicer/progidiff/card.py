@@ -100,8 +100,12 @@ def render(card: dict) -> str:
                          + (f" {o.get('baseline_unet_dice', float('nan')):.3f} |" if base else ""))
         lines.append(f"| **mean** | **{md['ranked_first']:.3f}** | | **{md['consensus']:.3f}** | **{md['best_of_n']:.3f}** | "
                      f"**{md['randtop3']:.3f}** | |" + (f" **{md['baseline']:.3f}** |" if base else ""))
-    lines += ["", "Labels of the training/evaluation data are TotalSegmentator predictions, not manual annotations; "
-              "one person per modality. Expect lower accuracy on other people, scanners and protocols.", ""]
+    # Said of this card's own data (a researcher's model trains on their labels, not the shipped model's
+    # TotalSegmentator predictions); each table's dataset description says what its labels are.
+    n = len(t.get("cases", []))
+    lines += ["", f"Trained on {n} case{'s' * (n != 1)} of `{t.get('dataset', '')}`: expect lower accuracy on people, "
+              "scanners and protocols unlike " + ("it" if n == 1 else "them") + ". Each table above is only as good as "
+              "its dataset's labels; its description says what they are.", ""]
     return "\n".join(lines)
 
 
