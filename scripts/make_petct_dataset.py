@@ -10,8 +10,8 @@ is copied byte for byte (stored in another axis order; evaluate reorients it exa
 names are TotalSegmentator's "total" classes, read from the same package.
 
 example:
-  python scripts/make_petct_dataset.py runs/external/ts-petct
-  python scripts/make_petct_dataset.py runs/external/ts-petct --sdist totalsegmentator-2.18.0.tar.gz
+  python scripts/make_petct_dataset.py runs/generalisation/ct-other-person-petct
+  python scripts/make_petct_dataset.py runs/generalisation/ct-other-person-petct --sdist totalsegmentator-2.18.0.tar.gz
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def download_sdist(folder: Path) -> Path:
     """TotalSegmentator's source archive, through pip (the wheel has no test files)."""
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                     f"totalsegmentator=={RELEASE}", "-d", str(folder)], check=True)
-    return next(folder.glob("totalsegmentator-*.tar.gz"))
+    return next(p for p in folder.iterdir() if p.name.lower().endswith(".tar.gz"))
 
 
 def total_classes(map_to_binary: str) -> dict[int, str]:
@@ -73,7 +73,8 @@ def build(sdist: Path, out: Path, check_hash: bool = True) -> Path:
         wanted = [m for m in tar.getmembers()
                   if m.isfile() and m.name.startswith((f"{root}/{REF}example_ct_dicom/", f"{root}/{REF}example_seg_dicom.nii.gz",
                                                        f"{root}/totalsegmentator/map_to_binary.py", f"{root}/LICENSE"))]
-        tar.extractall(tmp, members=wanted, filter="data")
+        # the "data" filter (refuse links and paths outside tmp) where this Python has it (3.9.17+, 3.11.4+)
+        tar.extractall(tmp, members=wanted, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         src = Path(tmp) / root
         if not (src / REF / "example_ct_dicom").is_dir() or not (src / REF / "example_seg_dicom.nii.gz").is_file():
             raise InputError(f"{sdist}: has no {REF}example_ct_dicom/ and example_seg_dicom.nii.gz.")
