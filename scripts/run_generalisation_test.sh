@@ -14,7 +14,7 @@
 # units (whole scan; docs/evaluation/ct-painted has its control and what it cannot show); and
 # (13) a real CT of another person: a contrast-enhanced PET/CT slab of the upper abdomen, 0.98 x 0.98 x 2 mm,
 # arms at the sides, from TotalSegmentator's test files on PyPI (scripts/make_petct_dataset.py fetches it with
-# pip; docs/evaluation/ct-other-person-petct).
+# pip; docs/evaluation/ct-other-person-petct), and (14) the same with its liver 40 HU darker (a fatty liver).
 # Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, the nine before the fatty liver, which takes 2.1 min more;
 # earlier runs took up to 35 min for eight, sharing the CPU).
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/generalisation}
 shift || true
-ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-body-fat-fov500 ct-painted-mr-person ct-other-person-petct"
+ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-body-fat-fov500 ct-painted-mr-person ct-other-person-petct ct-other-person-petct-fatty-liver"
 ONLY=${*:-$ALL}
 DATA=../shared/data/ct-abdomen
 CT=Resources/Models/progidiff-ct-abdomen
@@ -45,6 +45,8 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/ct-anatomy-warped" ] || $PY scripts/deform_dataset_anatomy.py $DATA "$RUNS/ct-anatomy-warped" --max-mm 20 --spacing-mm 100
 [ -d "$RUNS/ct-painted-mr-person" ] || $PY scripts/paint_ct_from_labels.py ../shared/data/mr-abdomen $DATA "$RUNS/ct-painted-mr-person"
 [ -d "$RUNS/ct-other-person-petct" ] || $PY scripts/make_petct_dataset.py "$RUNS/ct-other-person-petct"
+[ -d "$RUNS/ct-other-person-petct-fatty-liver" ] || $PY scripts/enhance_dataset_contrast.py "$RUNS/ct-other-person-petct" \
+    "$RUNS/ct-other-person-petct-fatty-liver" --organ liver=-40
 report_dir() { [ "$1" = ct-painted-mr-person ] && echo docs/evaluation/ct-painted/mr-person || echo "docs/evaluation/$1"; }
 for v in $ONLY; do
   [ "$v" = - ] && continue
@@ -78,7 +80,8 @@ done
   echo "[ct-painted](ct-painted/README.md) has the CT person painted the same way as a control, three seeds and what it cannot show."
   echo "The row after it is a real CT of another person, the only one here: the low-dose CT of a PET/CT (another scanner, 0.98 × 0.98 mm, 2 mm apart,"
   echo "contrast-enhanced, arms at the sides), 40 mm of upper abdomen without kidneys or gallbladder, whole slab, labels TotalSegmentator predictions"
-  echo "(\`scripts/make_petct_dataset.py\`; [ct-other-person-petct](ct-other-person-petct/README.md) has three seeds and what it cannot show)."
+  echo "(\`scripts/make_petct_dataset.py\`; [ct-other-person-petct](ct-other-person-petct/README.md) has three seeds and what it cannot show);"
+  echo "the last row is that scan with its liver 40 HU darker, a fatty liver as the training person's row above makes it."
   for m in ranked_first consensus baseline; do
     echo; echo "## ${m/_/-} Dice"; echo
     $PY scripts/compare_reports.py --metric $m "as shipped=docs/evaluation/ct-abdomen" "upper-abdomen field of view=docs/evaluation/ct-upper-fov" \
@@ -89,6 +92,7 @@ done
       "40 mm more subcutaneous fat=docs/evaluation/ct-body-fat" \
       "40 mm more fat, 500 mm field of view (432 mm window)=docs/evaluation/ct-body-fat-fov500" \
       "another person's anatomy, painted as CT (whole scan)=docs/evaluation/ct-painted/mr-person" \
-      "another person, a real PET/CT (upper abdomen, whole slab)=docs/evaluation/ct-other-person-petct"
+      "another person, a real PET/CT (upper abdomen, whole slab)=docs/evaluation/ct-other-person-petct" \
+      "the same, fatty liver (40 HU darker)=docs/evaluation/ct-other-person-petct-fatty-liver"
   done
 } > docs/evaluation/ct-generalisation.md
