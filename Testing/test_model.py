@@ -184,3 +184,4 @@ def test_card_says_what_the_model_trained_on_not_what_the_shipped_one_did():
     assert "Trained on 3 cases of `/data/Task09_Spleen`: expect lower accuracy on people, scanners and protocols unlike them." in text
     assert "TotalSegmentator" not in text
     assert "Trained on 1 case of `x`" in render({"training": {"dataset": "x", "cases": ["a"]}})
+    assert "Expect lower accuracy on people, scanners and protocols unlike its training data." in render({})

@@ -103,9 +103,10 @@ def render(card: dict) -> str:
     # Said of this card's own data (a researcher's model trains on their labels, not the shipped model's
     # TotalSegmentator predictions); each table's dataset description says what its labels are.
     n = len(t.get("cases", []))
-    lines += ["", f"Trained on {n} case{'s' * (n != 1)} of `{t.get('dataset', '')}`: expect lower accuracy on people, "
-              "scanners and protocols unlike " + ("it" if n == 1 else "them") + ". Each table above is only as good as "
-              "its dataset's labels; its description says what they are.", ""]
+    data = (f"Trained on {n} case{'s' * (n != 1)} of `{t.get('dataset', '')}`: expect lower accuracy on people, scanners "
+            "and protocols unlike " + ("it" if n == 1 else "them")) if n else \
+        "Expect lower accuracy on people, scanners and protocols unlike its training data"
+    lines += ["", data + ". Each table above is only as good as its dataset's labels; its description says what they are.", ""]
     return "\n".join(lines)
 
 
