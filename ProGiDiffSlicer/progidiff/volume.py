@@ -270,9 +270,12 @@ def on_model_grid(image: sitk.Image, grid: GridSpec, modality: str,
     and the shifted copy are per scan). ``fit_body``: widen the window to hold a wide body
     (``body_window``, in steps of that many pixels); inference does, training keeps the model's size."""
     image = in_hounsfield(image, modality)
+    centre = None
     if fit_body:
-        grid = body_window(image, grid, modality, fit_body)
-    ref = model_grid(image, grid, modality)
+        # the body's reach and centre from one coarse resampling, for the window and for model_grid
+        reach, centre = _reach_and_centre(image, modality)
+        grid = body_window(image, grid, modality, fit_body, reach=reach)
+    ref = model_grid(image, grid, modality, centre=centre)
     return ref, to_model_grid(image, ref, modality)
 
 
@@ -363,6 +366,11 @@ def body_reach_mm(image: sitk.Image, modality: str) -> np.ndarray:
     """How far (mm, world x and y) the body reaches from its centre of mass (``body_centre``) on any
     slice: each slice's trunk only (``trunk_region``), so a CT table, a separate arm or one lying
     against the side does not count."""
+    return _reach_and_centre(image, modality)[0]
+
+
+def _reach_and_centre(image: sitk.Image, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """``body_reach_mm`` and ``body_centre``, from one coarse resampling."""
     body, lo, hi = _coarse_body(image, modality)
     centre = _centre_of(body, lo, hi)
     reach = np.zeros(2)
@@ -373,17 +381,19 @@ def body_reach_mm(image: sitk.Image, modality: str) -> np.ndarray:
         for axis, idx in ((0, xx), (1, yy)):
             w = lo[axis] + idx * _BODY_STEP
             reach[axis] = max(reach[axis], centre[axis] - w.min(), w.max() - centre[axis])
-    return reach
+    return reach, centre
 
 
-def body_window(image: sitk.Image, grid: GridSpec, modality: str, multiple: int = 8) -> GridSpec:
+def body_window(image: sitk.Image, grid: GridSpec, modality: str, multiple: int = 8,
+                reach: np.ndarray | None = None) -> GridSpec:
     """The model grid, its square in-plane window widened to hold the whole body where the body reaches
     more than WINDOW_TOLERANCE_MM past it (in steps of ``multiple`` pixels, what the network's
     downsampling needs, up to MAX_WINDOW_FACTOR times the model's own). A body cut off by the window
     loses what lies beyond, and the model, which trained on a body nearly whole, fails inside it too:
     on the held-out slab of a body 1.3x as wide (472 mm), a 480 mm window instead of 384 mm took the
-    stomach from Dice 0.168 to 0.802 and the left kidney from 0.503 to 0.779 (docs/evaluation/body-window)."""
-    reach = body_reach_mm(image, modality)
+    stomach from Dice 0.168 to 0.802 and the left kidney from 0.503 to 0.779 (docs/evaluation/body-window).
+    ``reach``: ``body_reach_mm``'s, where the caller has it."""
+    reach = body_reach_mm(image, modality) if reach is None else reach
     w, h = grid.size
     half = (np.array([w, h]) - 1) * np.array(grid.spacing[:2]) / 2
     if np.all(reach <= half + WINDOW_TOLERANCE_MM):
@@ -396,10 +406,12 @@ def body_window(image: sitk.Image, grid: GridSpec, modality: str, multiple: int 
     return GridSpec(grid.spacing, (size, size))
 
 
-def model_grid(image: sitk.Image, grid: GridSpec, modality: str, z_range: tuple[float, float] | None = None) -> sitk.Image:
-    """Reference image of the model grid for this scan (identity direction)."""
+def model_grid(image: sitk.Image, grid: GridSpec, modality: str, z_range: tuple[float, float] | None = None,
+               centre: np.ndarray | None = None) -> sitk.Image:
+    """Reference image of the model grid for this scan (identity direction), centred in-plane on
+    ``centre`` (``body_centre``'s, computed here where not given)."""
     lo, hi = physical_bounds(image)
-    centre = body_centre(image, modality)
+    centre = body_centre(image, modality) if centre is None else centre
     sx, sy, sz = grid.spacing
     w, h = grid.size
     z0, z1 = (lo[2], hi[2]) if z_range is None else z_range
