@@ -69,8 +69,12 @@ def render(card: dict) -> str:
                      f"**{first + t.get('seconds', 0) / 60:.1f} min in all**")
     if t.get("weight_average_of"):
         parts = [f"`{i.get('model')}` (seed {i.get('seed')}, {(i.get('seconds') or 0) / 60:.1f} min: `{i.get('command')}`)"
-                 for i in t["weight_average_of"]]
-        lines.append(f"- **The mean of the weights of {len(parts)} fine-tunes** (the wall time above is theirs summed): "
+                 for i in t["weight_average_of"] if not i.get("starting_point")]
+        start = [i.get("model") for i in t["weight_average_of"] if i.get("starting_point")]
+        what = f"{len(parts)} fine-tunes" if len(parts) > 1 else "1 fine-tune"
+        if start:   # WiSE-FT: the chain's time above already holds the starting point's
+            what = f"`{start[0]}` and {what} of it"
+        lines.append(f"- **The mean of the weights of {what}** (the wall time above is the fine-tunes' summed): "
                      + "; ".join(parts))
     if t.get("holdout_z_mm"):
         lines.append(f"- Held out from training (world z, mm): {json.dumps(t['holdout_z_mm'])}")

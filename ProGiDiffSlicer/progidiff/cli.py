@@ -465,6 +465,7 @@ def _run_evaluate(a: argparse.Namespace, argv: Sequence[str]) -> int:
 EPILOG_AVERAGE = """example:
   for s in 0 1 2; do progidiff train DATASET -o ft-$s --init-from Resources/Models/progidiff-ct-abdomen --stage2-steps 600 --seed $s; done
   progidiff average ft-0 ft-1 ft-2 -o my_model   # then: progidiff evaluate my_model DATASET -o eval/
+  progidiff average Resources/Models/progidiff-ct-abdomen ft-0 -o my_model   # a model and its fine-tune (WiSE-FT)
 """
 
 
@@ -472,9 +473,12 @@ def _add_average(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("average", help="average the weights of fine-tunes of one model (a model soup)",
                        description="Write the mean of the weights of two or more fine-tunes of one model (train "
                                    "--init-from with the same options and held-out slab, other --seed): one model of "
-                                   "the same size and speed that depends less on one training draw.",
+                                   "the same size and speed that depends less on one training draw. The model they "
+                                   "were fine-tuned from may be one of them (WiSE-FT): half-way between a model and "
+                                   "its fine-tune, which often keeps most of the fine-tune's gain and loses less.",
                        epilog=EPILOG_AVERAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", help="model folders written by progidiff train --init-from")
+    p.add_argument("models", nargs="+", help="model folders written by progidiff train --init-from (and, "
+                                             "optionally, the model they were fine-tuned from)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
 

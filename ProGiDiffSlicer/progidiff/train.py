@@ -26,7 +26,7 @@ from .datasets import cases_in_split, read_dataset
 from .errors import InputError
 from .interrupts import StopRequest, ignore_interrupts_in_worker
 from .label_names import dataset_organs, log_lesions_counted
-from .model import ProGiDiffModel, small_unet_config
+from .model import WEIGHTS_NAME, ProGiDiffModel, small_unet_config
 from .outputs import check_output_dir
 from .prompts import TextEncoder, Vocabulary
 from .volume import GridSpec
@@ -489,6 +489,7 @@ def init_record(init_card: dict) -> dict:
     prior = it.get("init_from", {})
     earlier = prior.get("commands", [prior["command"]] if prior.get("command") else [])
     return {"model": init_card.get("name"), "command": it.get("command"), "commands": earlier + [it.get("command")],
+            "sha256": init_card.get("sha256", {}).get(WEIGHTS_NAME),
             "seconds": (it.get("seconds") or 0) + (prior.get("seconds") or 0),
             "steps": ic.get("stage1_steps", 0) + ic.get("stage2_steps", 0) + prior.get("steps", 0)}
 
