@@ -370,3 +370,33 @@ def test_petct_dataset_is_built_from_a_totalsegmentator_source_archive(tmp_path)
     with pytest.raises(InputError, match="example_ct_dicom"):
         mp.build(bare, tmp_path / "bare", check_hash=False)
     assert not (tmp_path / "bare").exists() and not list(tmp_path.glob(".bare.tmp-*"))
+
+
+def test_judge_candidate_applies_the_four_criteria(tmp_path, capsys):
+    """scripts/judge_candidate.py: a candidate that gains the fatty livers and loses nothing passes; one
+    that drops a liver met before under 0.85 fails criterion 1 alone; a missing report is one line."""
+    jc = _load("judge_candidate")
+
+    def write(root: Path, name: str, dice: dict[str, float]) -> None:
+        d = root / jc.SHIPPED_DIR.get(name, name) if root.name == "shipped" else root / name
+        d.mkdir(parents=True, exist_ok=True)
+        organs = {o: {"ranked_first": {"dice": v, "hd95": 1.0}} for o, v in dice.items()}
+        (d / "report.json").write_text(json.dumps({"organs": organs}), encoding="utf-8")
+
+    base = {"liver": 0.86, "spleen": 0.80, "kidney_left": 0.80, "kidney_right": 0.80, "stomach": 0.70}
+    shipped, good, bad = tmp_path / "shipped", tmp_path / "good", tmp_path / "bad"
+    for name in jc.PRESENTATIONS:
+        write(shipped, name, {**base, "liver": 0.80} if name in jc.FATTY else base)
+        write(good, name, {**base, "liver": 0.84} if name in jc.FATTY else base)
+        write(bad, name, {**base, "liver": 0.84} if name in jc.FATTY else
+              {**base, "liver": 0.849} if name == "ct-body-fat" else base)
+    assert jc.main([str(good), "--shipped-dir", str(shipped), "--name", "good"]) == 0
+    out = capsys.readouterr().out
+    assert "good passes all four criteria" in out and "**fails**" not in out
+    assert jc.main([str(bad), "--shipped-dir", str(shipped), "--name", "bad"]) == 0
+    out = capsys.readouterr().out
+    assert "bad fails" in out and out.count("**fails**") == 1 and "ct-body-fat liver 0.860 → 0.849" in out
+    (bad / "ct-body-x1.45" / "report.json").unlink()
+    assert jc.main([str(bad), "--shipped-dir", str(shipped)]) == 2
+    err = capsys.readouterr().err
+    assert "ct-body-x1.45" in err and len(err.strip().splitlines()) == 1
