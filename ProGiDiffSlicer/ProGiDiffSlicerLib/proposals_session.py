@@ -69,6 +69,10 @@ class ProposalSession:
 
             lines.append("⚠ " + window_cut_warning(self.result.organ.display.lower(), self.result.window_cut,
                                                    self.result.window_mm))
+        if getattr(self.result, "dark_liver", False):
+            from progidiff.card import dark_liver_warning
+
+            lines.append("⚠ " + dark_liver_warning(self.result.median_hu))
         return "\n".join(lines)
 
     def label(self) -> str:

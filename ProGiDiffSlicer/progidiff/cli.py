@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .card import unseen_end_warning, window_cut_warning
+from .card import dark_liver_warning, unseen_end_warning, window_cut_warning
 from .errors import Cancelled, ProGiDiffError
 from .interrupts import cancel_on_signals
 
@@ -263,6 +263,8 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
             if report["cut_by_model_window"]:
                 log.warning(window_cut_warning(report["organ_display"].lower(), report["cut_by_model_window"],
                                                report["model_window_mm"]))
+            if report["dark_liver"]:
+                log.warning(dark_liver_warning(report["median_hu"]))
         if failed:
             print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
         return failed

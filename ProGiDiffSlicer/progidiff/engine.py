@@ -134,6 +134,17 @@ class SegmentResult:
     #: Sides of the model's in-plane window ("right", "left", "anterior", "posterior", the patient's)
     #: that the ranked-first proposal reaches while the scan goes on beyond them: the organ may be cut there.
     window_cut: list[str] = field(default_factory=list)
+    #: The scan's median value inside the ranked-first proposal: HU on CT (a liver's attenuation is read
+    #: for steatosis), None on MR, where intensities have no fixed scale, or for an empty proposal.
+    median_hu: float | None = None
+
+    @property
+    def dark_liver(self) -> bool:
+        """A CT liver proposal darker than a healthy liver (card.DARK_LIVER_HU): a fatty liver, which
+        the model finds less well."""
+        from .card import DARK_LIVER_HU
+
+        return self.organ.name == "liver" and self.median_hu is not None and self.median_hu < DARK_LIVER_HU
 
     @property
     def window_mm(self) -> float:
@@ -346,7 +357,16 @@ class Engine:
             adapter=p["adapter"], timings=timings, consensus_rule=rule,
             unseen_ends=ends_shown(grid_masks[order[0]], p["idx"],
                                    self.card.get("training", {}).get("unseen_organ_ends", {}).get(p["res"].organ.name, [])),
-            window_cut=window_sides_cut(grid_masks[order[0]], ref, scan.image))
+            window_cut=window_sides_cut(grid_masks[order[0]], ref, scan.image),
+            median_hu=median_inside(scan.image, box, block[0]) if p["modality"] == "CT" else None)
+
+
+def median_inside(image: sitk.Image, box: tuple[slice, ...], mask: np.ndarray) -> float | None:
+    """The image's median value where ``mask`` (the shape of ``box`` in the image's array) holds;
+    None where it holds nothing. Read inside the box alone (a view, no copy of the scan)."""
+    if is_empty(box) or not mask.any():
+        return None
+    return float(np.median(sitk.GetArrayViewFromImage(image)[box][mask]))
 
 
 #: The model grid's in-plane axes are world x and y (LPS): x grows to the patient's left, y to the back.
