@@ -52,7 +52,7 @@ $P evaluate $CT $DATA -n 8 --simulate-edits --into-card -o docs/evaluation/ct-ab
 $P evaluate $CT $MR -n 8 --modality MR --baseline none --adapter $LORA --into-card -o docs/evaluation/mr-adapter --overwrite
 $P evaluate $CT $MR -n 8 --modality MR --baseline none --adapter none --region-from $LORA \
     -o docs/evaluation/mr-ct-no-adapter --overwrite
-# Makes the presentations it lacks, then evaluates all nine (the card records the two it shows) and rebuilds the tables.
+# Makes the presentations it lacks, then evaluates all thirteen (the card records the three it shows) and rebuilds the tables.
 INTO_CARD="ct-fatty-liver ct-painted-mr-person ct-other-person-petct" scripts/run_generalisation_test.sh $G
 for f in 1.3 1.45; do
   [ -d "$G/ct-body-x$f" ] || .venv/bin/python scripts/scale_dataset_body.py $DATA "$G/ct-body-x$f" --factor $f

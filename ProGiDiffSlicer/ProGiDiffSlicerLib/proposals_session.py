@@ -69,7 +69,7 @@ class ProposalSession:
 
             lines.append("⚠ " + window_cut_warning(self.result.organ.display.lower(), self.result.window_cut,
                                                    self.result.window_mm))
-        if getattr(self.result, "dark_liver", False):
+        if self.result.dark_liver:
             from progidiff.card import dark_liver_warning
 
             lines.append("⚠ " + dark_liver_warning(self.result.median_hu))

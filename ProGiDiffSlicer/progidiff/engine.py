@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .card import DARK_LIVER_HU
 from .errors import InputError, ModelError, PromptError
 from .model import DEFAULT_TEXT_ENCODER, ProGiDiffModel
 from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
@@ -142,8 +143,6 @@ class SegmentResult:
     def dark_liver(self) -> bool:
         """A CT liver proposal darker than a healthy liver (card.DARK_LIVER_HU): a fatty liver, which
         the model finds less well."""
-        from .card import DARK_LIVER_HU
-
         return self.organ.name == "liver" and self.median_hu is not None and self.median_hu < DARK_LIVER_HU
 
     @property
