@@ -1,6 +1,7 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
 scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py,
-scripts/enhance_dataset_contrast.py, scripts/paint_ct_from_labels.py, scripts/add_body_fat.py):
+scripts/enhance_dataset_contrast.py, scripts/paint_ct_from_labels.py, scripts/add_body_fat.py,
+scripts/set_structure_density.py):
 the world geometry must survive, or a held-out slab would move; and the consensus-rule scorer."""
 from __future__ import annotations
 
@@ -400,3 +401,60 @@ def test_judge_candidate_applies_the_four_criteria(tmp_path, capsys):
     assert jc.main([str(bad), "--shipped-dir", str(shipped)]) == 2
     err = capsys.readouterr().err
     assert "ct-body-x1.45" in err and len(err.strip().splitlines()) == 1
+
+
+def test_set_structure_density_paints_the_mask_with_the_scan_s_own_noise_and_nothing_else(tmp_path, capsys):
+    """An "enhanced heart" at 400 HU beside a noisy "liver" at 60 HU, on an oblique LPS grid with the masks
+    on a cropped grid of their own: the heart reads the asked HU with noise of the liver's spread and next-
+    voxel correlation; voxels 3 mm from it keep their value; the geometry is kept; a mask outside the scan
+    and a noise region too small are one-line errors with nothing written."""
+    sd = _load("set_structure_density")
+    rng = np.random.default_rng(1)
+    from scipy import ndimage
+    noise = ndimage.gaussian_filter(rng.standard_normal((40, 40, 48)), 0.8)
+    arr = np.full((40, 40, 48), -1000.0)
+    arr[5:35, 5:35, 4:22] = 60 + noise[5:35, 5:35, 4:22] * 25 / noise.std()     # "liver"
+    arr[5:35, 5:35, 26:44] = 400                                                # "heart", flat bright blood
+    img = sitk.GetImageFromArray(np.round(arr).astype(np.int16))
+    img.SetSpacing((1.5, 1.5, 2.0))
+    img.SetOrigin((30.0, -12.0, 400.0))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    liver, heart = np.zeros(arr.shape, np.uint8), np.zeros(arr.shape, np.uint8)
+    liver[5:35, 5:35, 4:22], heart[5:35, 5:35, 26:44] = 1, 1
+    lv, ht = sitk.GetImageFromArray(liver), sitk.GetImageFromArray(heart)
+    lv.CopyInformation(img)
+    ht.CopyInformation(img)
+    ht = sitk.RegionOfInterest(ht, (22, 36, 36), (24, 2, 2))      # the mask on a crop, as TotalSegmentator's are
+    for f, im in (("ct", img), ("liver", lv), ("heart", ht)):
+        sitk.WriteImage(im, str(tmp_path / f"{f}.nii.gz"))
+    out_file = tmp_path / "out" / "unenhanced.nii.gz"
+    assert sd.main([str(tmp_path / "ct.nii.gz"), str(out_file), "--hu", "55", "--mask", str(tmp_path / "heart.nii.gz"),
+                    "--noise-from", str(tmp_path / "liver.nii.gz")]) == 0
+    assert "set to 55 HU" in capsys.readouterr().out
+    out = sitk.ReadImage(str(out_file))
+    assert out.GetDirection() == img.GetDirection() and out.GetOrigin() == img.GetOrigin() and out.GetSpacing() == img.GetSpacing()
+    b = sitk.GetArrayFromImage(out).astype(np.float64)
+    # measured > 6 mm inside each block, out of reach of its border's step in the 3 mm high-pass
+    liver_inner, heart_inner = np.zeros(arr.shape, bool), np.zeros(arr.shape, bool)
+    liver_inner[8:32, 9:31, 8:18], heart_inner[8:32, 9:31, 30:40] = True, True
+    (s_liver, r_liver), (s_heart, r_heart) = (sd.noise_measures(x, m, np.array([1.5, 2, 2]))
+                                              for x, m in ((arr, liver_inner), (b, heart_inner)))
+    assert abs(s_heart - s_liver) < 0.1 * s_liver and abs(r_heart - r_liver) < 0.1
+    assert abs(np.median(b[heart_inner]) - 55) < 0.15 * s_liver
+    assert abs(b[heart_inner].std() - arr[liver_inner].std()) < 0.2 * arr[liver_inner].std()
+    far = np.ones(arr.shape, bool)
+    far[3:37, 3:37, 24:46] = False                                # 3 voxels (>= 4.5 mm) from the heart
+    assert np.array_equal(b[far], np.round(arr)[far])
+    # a mask that lies outside the scan, and a noise region of a few voxels: refused
+    away = sitk.Image(ht)
+    away.SetOrigin((900.0, 900.0, 900.0))
+    sitk.WriteImage(away, str(tmp_path / "away.nii.gz"))
+    tiny = sitk.GetImageFromArray((np.arange(liver.size).reshape(liver.shape) < 30).astype(np.uint8))
+    tiny.CopyInformation(img)
+    sitk.WriteImage(tiny, str(tmp_path / "tiny.nii.gz"))
+    for mask, ref, says in (("away", "liver", "no voxel"), ("heart", "tiny", "at least 1000")):
+        bad = tmp_path / f"bad-{mask}-{ref}.nii.gz"
+        assert sd.main([str(tmp_path / "ct.nii.gz"), str(bad), "--hu", "55", "--mask", str(tmp_path / f"{mask}.nii.gz"),
+                        "--noise-from", str(tmp_path / f"{ref}.nii.gz")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and not bad.exists()
