@@ -47,8 +47,9 @@ def result(tiny_engine, ct_crop):
 
     result = tiny_engine.segment(read_scan(ct_crop), "liver", SegmentOptions(proposals=3, steps=2))
     # The tiny model's "liver" lies wherever a few training steps put it, often in tissue darker than a
-    # liver; the tests that want the dark-liver notice set median_hu themselves.
-    return replace(result, median_hu=None)
+    # liver or left of the midline; the tests that want the dark-liver or heart notice set median_hu or
+    # top_left_share themselves.
+    return replace(result, median_hu=None, top_left_share=None)
 
 
 def test_cycle_label_accept_and_discard(result):
@@ -156,3 +157,16 @@ def test_notice_says_when_the_liver_reads_darker_than_a_healthy_one(result):
         assert "HU" not in ProposalSession(FakeScene(), replace(result, median_hu=hu), "volume").notice()
     spleen = replace(result, median_hu=8.0, organ=replace(result.organ, name="spleen"))
     assert not spleen.dark_liver   # the sign is the liver's
+
+
+def test_notice_says_when_the_liver_s_top_lies_left_of_the_midline(result):
+    from dataclasses import replace
+
+    from progidiff.card import LIVER_TOP_LEFT_SHARE
+
+    s = ProposalSession(FakeScene(), replace(result, top_left_share=0.82), "volume")
+    last = s.notice().splitlines()[-1]
+    assert last.startswith("⚠ 82 % of the liver proposal's top 20 mm lies left of the body's midline")
+    for share in (LIVER_TOP_LEFT_SHARE, 0.06, None):   # at the threshold, a liver dome, and no proposal
+        assert "midline" not in ProposalSession(FakeScene(), replace(result, top_left_share=share), "volume").notice()
+    assert not replace(result, top_left_share=0.82, organ=replace(result.organ, name="spleen")).heart_suspect

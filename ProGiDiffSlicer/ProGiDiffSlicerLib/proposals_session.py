@@ -73,6 +73,10 @@ class ProposalSession:
             from progidiff.card import dark_liver_warning
 
             lines.append("⚠ " + dark_liver_warning(self.result.median_hu))
+        if self.result.heart_suspect:
+            from progidiff.card import heart_warning
+
+            lines.append("⚠ " + heart_warning(self.result.top_left_share))
         return "\n".join(lines)
 
     def label(self) -> str:

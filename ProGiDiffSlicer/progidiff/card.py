@@ -55,6 +55,26 @@ def dark_liver_warning(median_hu: float) -> str:
             "its borders with the gallbladder, the stomach and the tissue around it.")
 
 
+#: A liver proposal whose top LIVER_TOP_MM lies more than this share left of the body's midline is
+#: flagged: the liver's top is its right lobe's dome, under the right hemidiaphragm, and the heart sits
+#: on the dome left of the midline. The model never saw a heart (its training scan stops below the
+#: dome), and unenhanced the heart is about as dense as a liver. Measured (report.json's top_left_share,
+#: docs/evaluation/ct-chest-cta): on a chest CT with its heart and great vessels made unenhanced, seeds
+#: 0/100/200, 0.78-0.86 where the proposal took 330-390 ml of the heart; 0.03-0.05 on that scan as
+#: acquired, the other person's PET/CT and the painted person; 0.15-0.20 where the scan's top cuts the
+#: liver through its widest part and its left lobe (the training person, six presentations of it).
+LIVER_TOP_LEFT_SHARE = 0.5
+LIVER_TOP_MM = 20.0
+
+
+def heart_warning(share: float) -> str:
+    """What segment says when the liver proposal's top lies mostly left of the midline (LIVER_TOP_LEFT_SHARE)."""
+    return (f"{100 * share:.0f} % of the liver proposal's top {LIVER_TOP_MM:.0f} mm lies left of the body's midline, "
+            "where the heart sits on the liver dome (a liver's top lies under the right hemidiaphragm). The model never "
+            "saw a heart, and without contrast the heart is about as dense as a liver: the proposal may hold part of "
+            "it. Check the top slices and erase what lies above the diaphragm.")
+
+
 def render(card: dict) -> str:
     t = card.get("training", {})
     adapter = card.get("kind") == "lora-adapter"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .card import dark_liver_warning, unseen_end_warning, window_cut_warning
+from .card import dark_liver_warning, heart_warning, unseen_end_warning, window_cut_warning
 from .errors import Cancelled, ProGiDiffError
 from .interrupts import cancel_on_signals
 
@@ -265,6 +265,8 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
                                                report["model_window_mm"]))
             if report["dark_liver"]:
                 log.warning(dark_liver_warning(report["median_hu"]))
+            if report["heart_suspect"]:
+                log.warning(heart_warning(report["top_left_share"]))
         if failed:
             print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
         return failed

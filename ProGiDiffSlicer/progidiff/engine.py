@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .card import DARK_LIVER_HU
+from .card import DARK_LIVER_HU, LIVER_TOP_LEFT_SHARE, LIVER_TOP_MM
 from .errors import InputError, ModelError, PromptError
 from .model import DEFAULT_TEXT_ENCODER, ProGiDiffModel
 from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
@@ -138,12 +138,21 @@ class SegmentResult:
     #: The scan's median value inside the ranked-first proposal: HU on CT (a liver's attenuation is read
     #: for steatosis), None on MR, where intensities have no fixed scale, or for an empty proposal.
     median_hu: float | None = None
+    #: For a liver: the share of the ranked-first proposal's top card.LIVER_TOP_MM that lies left of the
+    #: body's midline (``left_share_of_top``); None for other organs and for an empty proposal.
+    top_left_share: float | None = None
 
     @property
     def dark_liver(self) -> bool:
         """A CT liver proposal darker than a healthy liver (card.DARK_LIVER_HU): a fatty liver, which
         the model finds less well."""
         return self.organ.name == "liver" and self.median_hu is not None and self.median_hu < DARK_LIVER_HU
+
+    @property
+    def heart_suspect(self) -> bool:
+        """A liver proposal whose top lies mostly left of the body's midline, where the heart sits on the
+        liver dome (card.LIVER_TOP_LEFT_SHARE): it may hold the heart, which the model never saw."""
+        return self.organ.name == "liver" and self.top_left_share is not None and self.top_left_share > LIVER_TOP_LEFT_SHARE
 
     @property
     def window_mm(self) -> float:
@@ -357,7 +366,8 @@ class Engine:
             unseen_ends=ends_shown(grid_masks[order[0]], p["idx"],
                                    self.card.get("training", {}).get("unseen_organ_ends", {}).get(p["res"].organ.name, [])),
             window_cut=window_sides_cut(grid_masks[order[0]], ref, scan.image),
-            median_hu=median_inside(scan.image, box, block[0]) if p["modality"] == "CT" else None)
+            median_hu=median_inside(scan.image, box, block[0]) if p["modality"] == "CT" else None,
+            top_left_share=left_share_of_top(grid_masks[order[0]], ref) if p["res"].organ.name == "liver" else None)
 
 
 def median_inside(image: sitk.Image, box: tuple[slice, ...], mask: np.ndarray) -> float | None:
@@ -367,6 +377,20 @@ def median_inside(image: sitk.Image, box: tuple[slice, ...], mask: np.ndarray) -
     if is_empty(box) or not mask.any():
         return None
     return float(np.median(sitk.GetArrayViewFromImage(image)[box][mask]))
+
+
+def left_share_of_top(mask: np.ndarray, ref: sitk.Image, top_mm: float = LIVER_TOP_MM) -> float | None:
+    """The share of ``mask``'s voxels (Z, H, W on the model grid ``ref``, slices inferior -> superior) in its
+    top ``top_mm`` that lie left of the body's midline: ``ref``'s centre column, since the grid is centred on
+    the body's centre of mass (``volume.model_grid``) and its x grows to the patient's left (LPS). None
+    for an empty mask."""
+    rows = np.nonzero(mask.reshape(mask.shape[0], -1).any(1))[0]
+    if not len(rows):
+        return None
+    n = max(1, int(round(top_mm / ref.GetSpacing()[2])))
+    top = mask[max(rows[-1] - n + 1, 0):rows[-1] + 1]
+    width = top.shape[-1]                                   # even (a multiple of 8): no column on the midline
+    return float(top[..., width // 2:].sum() / top.sum())
 
 
 #: The model grid's in-plane axes are world x and y (LPS): x grows to the patient's left, y to the back.

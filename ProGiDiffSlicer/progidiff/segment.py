@@ -50,6 +50,8 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "cut_by_model_window": list(result.window_cut),
         "median_hu": None if result.median_hu is None else round(result.median_hu, 1),
         "dark_liver": result.dark_liver,
+        "top_left_share": None if result.top_left_share is None else round(result.top_left_share, 3),
+        "heart_suspect": result.heart_suspect,
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
         "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),
                  "origin": list(result.image.GetOrigin()), "direction": list(result.image.GetDirection())},
@@ -84,7 +86,8 @@ def write_result(result: SegmentResult, engine: Engine, outdir: Path, overwrite:
                      + (" · REVIEW CAREFULLY" if result.ranking.review else "")
                      + "".join(f" · {e} end unseen in training" for e in result.unseen_ends)
                      + "".join(f" · cut at the window's {s} edge" for s in result.window_cut)
-                     + (f" · reads {result.median_hu:.0f} HU: a fatty liver?" if result.dark_liver else ""))
+                     + (f" · reads {result.median_hu:.0f} HU: a fatty liver?" if result.dark_liver else "")
+                     + (" · top left of the midline: the heart?" if result.heart_suspect else ""))
             render_overview(result.grid_image, result.grid_masks, result.grid.GetSpacing(), tmp / "overview.png", title)
             for job in jobs:
                 job.result()  # a failed write raises here, and staging leaves no half-written output
