@@ -84,3 +84,19 @@ def test_segment_warns_when_the_liver_s_top_lies_left_of_the_midline(tmp_path, c
                      "--modality", "CT", "-o", str(tmp_path / "spleen")]) == 0
     spleen = json.loads((tmp_path / "spleen" / "report.json").read_text(encoding="utf-8"))
     assert spleen["top_left_share"] is None and spleen["heart_suspect"] is False
+
+
+def test_evaluate_lists_the_warnings_beside_the_dice_and_compares_the_means():
+    from progidiff.evaluate import _warnings
+
+    case = lambda name, organ, dice, warnings: {"case": name, "organ": organ, "ranked_first": {"dice": dice},
+                                                "warnings": warnings}
+    rep = {"cases": [case("a", "liver", 0.79, ["unseen superior end", "heart?"]), case("a", "spleen", 0.90, []),
+                     case("b", "liver", 0.60, ["review"]), case("b", "spleen", 0.86, [])]}
+    text = "\n".join(_warnings(rep))
+    assert "| a | liver | unseen superior end, heart? | 0.790 |" in text and "| b | liver | review | 0.600 |" in text
+    assert "spleen" not in text
+    assert "0.695 over the 2 pair(s) with a warning, 0.880 over the 2 without." in text
+    rep["cases"] = [c for c in rep["cases"] if not c["warnings"]]
+    assert _warnings(rep) == ["", "`segment` gave no warning on any of the 2 organ × case pairs."]
+    assert _warnings({"cases": [{"case": "a", "organ": "liver", "ranked_first": {"dice": 0.9}}]}) == []   # an older report

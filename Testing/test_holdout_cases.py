@@ -39,7 +39,11 @@ def test_held_out_cases_are_not_trained_on_and_are_what_evaluate_scores(tmp_path
     assert list(rep["evaluated_on"]) == t["holdout_cases"]
     assert "held out from training" in rep["evaluated_on"][t["holdout_cases"][0]]
     assert sorted(rep["skipped_training_cases"]) == sorted(t["cases"])
-    assert "not scored: 2 case(s) the model was trained on whole" in (out / "report.md").read_text(encoding="utf-8")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "not scored: 2 case(s) the model was trained on whole" in md
+    # segment's warnings beside each score (the tiny model's proposals give some or none)
+    assert all(isinstance(c["warnings"], list) for c in rep["cases"])
+    assert ("Warnings `segment` gave" in md) == any(c["warnings"] for c in rep["cases"])
 
     # a baseline on the same split
     base = tmp_path / "m-baseline-unet"

@@ -170,3 +170,14 @@ def test_notice_says_when_the_liver_s_top_lies_left_of_the_midline(result):
     for share in (LIVER_TOP_LEFT_SHARE, 0.06, None):   # at the threshold, a liver dome, and no proposal
         assert "midline" not in ProposalSession(FakeScene(), replace(result, top_left_share=share), "volume").notice()
     assert not replace(result, top_left_share=0.82, organ=replace(result.organ, name="spleen")).heart_suspect
+
+
+def test_warnings_in_short_list_what_segment_says(result):
+    from dataclasses import replace
+
+    calm = replace(result, ranking=replace(result.ranking, review=False), unseen_ends=[], window_cut=[])
+    assert calm.warnings == []
+    loud = replace(calm, ranking=replace(result.ranking, review=True), unseen_ends=["superior"], window_cut=["left"],
+                   median_hu=8.0, top_left_share=0.8)
+    assert loud.warnings == ["review", "unseen superior end", "cut left", "dark liver", "heart?"]
+    assert replace(loud, organ=replace(result.organ, name="spleen")).warnings == ["review", "unseen superior end", "cut left"]

@@ -155,6 +155,15 @@ class SegmentResult:
         return self.organ.name == "liver" and self.top_left_share is not None and self.top_left_share > LIVER_TOP_LEFT_SHARE
 
     @property
+    def warnings(self) -> list[str]:
+        """segment's warnings in short: "review" (the proposals disagree), "unseen <end> end", "cut <side>"
+        (the model's window), "dark liver", "heart?"; empty where it says nothing. ``evaluate`` lists them
+        beside the Dice, so a cohort shows whether they fall on the poor segmentations."""
+        return ((["review"] if self.ranking.review else []) + [f"unseen {e} end" for e in self.unseen_ends]
+                + [f"cut {s}" for s in self.window_cut] + (["dark liver"] if self.dark_liver else [])
+                + (["heart?"] if self.heart_suspect else []))
+
+    @property
     def window_mm(self) -> float:
         """The width of the in-plane window the model saw (its grid's extent: 64 px x 6 mm = 384 mm for the
         shipped model, wider for a wide body)."""

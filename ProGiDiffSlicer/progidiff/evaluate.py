@@ -206,6 +206,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         "seconds": res.seconds,
                         # wider than the model's own for a wide body (volume.body_window)
                         "window_mm": res.window_mm,
+                        "warnings": res.warnings,
                     }
                     base_mask = None
                     if base_net is not None and organ_name in base_net.organs:
@@ -381,6 +382,7 @@ def _markdown(rep: dict) -> str:
     lines.append(f"| **mean** | **{m['ranked_first']:.3f}** | | **{m['consensus']:.3f}** | | **{m['best_of_n']:.3f}** | "
                  f"**{m['randtop3']:.3f}** | | |" + (f" **{m['baseline']:.3f}** | |" if has_base else ""))
     lines += _per_case(rep)
+    lines += _warnings(rep)
     lines += ["", "Consensus: the engine's, the ranked-first proposal corrected by the vote (without the voxels fewer than "
               "a quarter of the proposals hold, with those at least three quarters hold), uncorrected where their "
               f"agreement (mean pairwise Dice) is below {CONSENSUS_MIN_AGREEMENT:g}."]
@@ -431,6 +433,24 @@ def _per_case(rep: dict) -> list[str]:
         cells = [f"{by[case, o]['ranked_first']['dice']:.3f} ({by[case, o]['consensus']['dice']:.3f})" if (case, o) in by
                  else "–" for o in organs]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _warnings(rep: dict) -> list[str]:
+    """The warnings `segment` gave (``SegmentResult.warnings``) beside the ranked-first Dice, and the mean Dice
+    with and without one: whether they fall on the poor segmentations, which is what they are for."""
+    cases = [c for c in rep["cases"] if "warnings" in c]      # reports written before 2026-12-07 lack them
+    flagged = [c for c in cases if c["warnings"]]
+    if not flagged:
+        return ["", f"`segment` gave no warning on any of the {len(cases)} organ × case pairs."] if cases else []
+    lines = ["", "Warnings `segment` gave (on the whole scan), beside the ranked-first Dice:", "",
+             "| case | organ | warnings | ranked-first Dice |", "|---|---|---|---|"]
+    lines += [f"| {c['case']} | {c['organ']} | {', '.join(c['warnings'])} | {c['ranked_first']['dice']:.3f} |"
+              for c in flagged]
+    calm = [c for c in cases if not c["warnings"]]
+    mean = lambda cs: _nanmean([c["ranked_first"]["dice"] for c in cs])
+    lines += ["", f"Mean ranked-first Dice: {mean(flagged):.3f} over the {len(flagged)} pair(s) with a warning"
+              + (f", {mean(calm):.3f} over the {len(calm)} without." if calm else "; every pair had one.")]
     return lines
 
 
