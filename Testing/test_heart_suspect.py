@@ -94,7 +94,7 @@ def test_evaluate_lists_the_warnings_beside_the_dice_and_compares_the_means():
     rep = {"cases": [case("a", "liver", 0.79, ["unseen superior end", "heart?"]), case("a", "spleen", 0.90, []),
                      case("b", "liver", 0.60, ["review"]), case("b", "spleen", 0.86, [])]}
     text = "\n".join(_warnings(rep))
-    assert "| a | liver | unseen superior end, heart? | 0.790 |" in text and "| b | liver | review | 0.600 |" in text
+    assert "| liver | a | unseen superior end, heart? | 0.790 |" in text and "| liver | b | review | 0.600 |" in text
     assert "spleen" not in text
     assert "0.695 over the 2 pair(s) with a warning, 0.880 over the 2 without." in text
     rep["cases"] = [c for c in rep["cases"] if not c["warnings"]]

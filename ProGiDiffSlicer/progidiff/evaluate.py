@@ -444,8 +444,9 @@ def _warnings(rep: dict) -> list[str]:
     if not flagged:
         return ["", f"`segment` gave no warning on any of the {len(cases)} organ × case pairs."] if cases else []
     lines = ["", "Warnings `segment` gave (on the whole scan), beside the ranked-first Dice:", "",
-             "| case | organ | warnings | ranked-first Dice |", "|---|---|---|---|"]
-    lines += [f"| {c['case']} | {c['organ']} | {', '.join(c['warnings'])} | {c['ranked_first']['dice']:.3f} |"
+             "| organ | case | warnings | ranked-first Dice |", "|---|---|---|---|"]
+    # organ first: the case x organ table above has a row per case that starts with its name
+    lines += [f"| {c['organ']} | {c['case']} | {', '.join(c['warnings'])} | {c['ranked_first']['dice']:.3f} |"
               for c in flagged]
     calm = [c for c in cases if not c["warnings"]]
     mean = lambda cs: _nanmean([c["ranked_first"]["dice"] for c in cs])
