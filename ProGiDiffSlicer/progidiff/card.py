@@ -60,7 +60,7 @@ def dark_liver_warning(median_hu: float) -> str:
 #: on the dome left of the midline. The model never saw a heart (its training scan stops below the
 #: dome), and unenhanced the heart is about as dense as a liver. Measured (report.json's top_left_share,
 #: docs/evaluation/ct-chest-cta): on a chest CT with its heart and great vessels made unenhanced, seeds
-#: 0/100/200, 0.78-0.86 where the proposal took 330-390 ml of the heart; 0.03-0.05 on that scan as
+#: 0/100/200, 0.78-0.86 where the proposal took 328-392 ml of the heart; 0.03-0.05 on that scan as
 #: acquired, the other person's PET/CT and the painted person; 0.15-0.20 where the scan's top cuts the
 #: liver through its widest part and its left lobe (the training person, six presentations of it).
 LIVER_TOP_LEFT_SHARE = 0.5
