@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 def test_a_fatty_liver_is_flagged_with_its_median_hu(tmp_path, ct_path, ct_label_path, caplog):
     from progidiff import cli
-    from progidiff.card import DARK_LIVER_HU, dark_liver_warning
+    from progidiff.alerts import DARK_LIVER_HU, dark_liver_warning
 
     # The sample CT with its liver 40 HU darker (to 7 HU), as scripts/enhance_dataset_contrast.py makes it.
     image, labels = sitk.ReadImage(str(ct_path)), sitk.ReadImage(str(ct_label_path))

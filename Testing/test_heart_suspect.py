@@ -62,18 +62,23 @@ def test_the_share_counts_only_the_top_slices():
 @pytest.mark.slow
 def test_segment_warns_when_the_liver_s_top_lies_left_of_the_midline(tmp_path, ct_crop, caplog, monkeypatch):
     """The report, the warning and the overview's title, with the share made to read as a heart's."""
-    from progidiff import cli, engine
-    from progidiff.card import heart_warning
+    from progidiff import cli, engine, segment
+    from progidiff.alerts import heart_warning
 
     out = tmp_path / "out"
     args = ["segment", str(ct_crop), "--prompt", "liver", "-n", "2", "--steps", "2", "--device", "cpu",
             "--modality", "CT", "-o"]
     monkeypatch.setattr(engine, "left_share_of_top", lambda mask, ref: 0.82)
+    titles = []
+    drawn = segment.render_overview
+    monkeypatch.setattr(segment, "render_overview", lambda *a: titles.append(a[-1]) or drawn(*a))
     with caplog.at_level(logging.WARNING, logger="progidiff"):
         assert cli.main(args + [str(out)]) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["top_left_share"] == 0.82 and report["heart_suspect"] is True
     assert [r.getMessage() for r in caplog.records if "midline" in r.getMessage()] == [heart_warning(0.82)]
+    assert {"codes": ["heart?"], "text": heart_warning(0.82)} in report["warnings"]
+    assert titles[-1].endswith(" · top left of the midline: the heart?")
     monkeypatch.setattr(engine, "left_share_of_top", lambda mask, ref: 0.06)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="progidiff"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from progidiff.card import window_cut_warning
+from progidiff.alerts import window_cut_warning
 from progidiff.engine import window_sides_cut
 
 

@@ -148,7 +148,7 @@ def test_notice_says_when_the_organ_meets_the_model_window_s_edge(result):
 def test_notice_says_when_the_liver_reads_darker_than_a_healthy_one(result):
     from dataclasses import replace
 
-    from progidiff.card import DARK_LIVER_HU
+    from progidiff.alerts import DARK_LIVER_HU
 
     s = ProposalSession(FakeScene(), replace(result, median_hu=8.0), "volume")
     last = s.notice().splitlines()[-1]
@@ -162,7 +162,7 @@ def test_notice_says_when_the_liver_reads_darker_than_a_healthy_one(result):
 def test_notice_says_when_the_liver_s_top_lies_left_of_the_midline(result):
     from dataclasses import replace
 
-    from progidiff.card import LIVER_TOP_LEFT_SHARE
+    from progidiff.alerts import LIVER_TOP_LEFT_SHARE
 
     s = ProposalSession(FakeScene(), replace(result, top_left_share=0.82), "volume")
     last = s.notice().splitlines()[-1]

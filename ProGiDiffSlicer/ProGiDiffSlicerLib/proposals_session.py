@@ -55,28 +55,11 @@ class ProposalSession:
 
     def notice(self) -> str:
         """The warning shown under the proposals: empty when they agree."""
-        lines = []
-        if self.review:
-            lines.append("⚠ The proposals disagree strongly: review carefully before accepting.")
+        found = self.result.alerts
+        lines = ["⚠ " + w.text for w in found[:1] if "review" in w.codes]
         if self.result.consensus_rule == "ranked-first":
             lines.append("Too little agreement for a vote: the consensus is the ranked-first proposal.")
-        if self.result.unseen_ends:
-            from progidiff.card import unseen_end_warning
-
-            lines.append("⚠ " + unseen_end_warning(self.result.organ.display.lower(), self.result.unseen_ends))
-        if self.result.window_cut:
-            from progidiff.card import window_cut_warning
-
-            lines.append("⚠ " + window_cut_warning(self.result.organ.display.lower(), self.result.window_cut,
-                                                   self.result.window_mm))
-        if self.result.dark_liver:
-            from progidiff.card import dark_liver_warning
-
-            lines.append("⚠ " + dark_liver_warning(self.result.median_hu))
-        if self.result.heart_suspect:
-            from progidiff.card import heart_warning
-
-            lines.append("⚠ " + heart_warning(self.result.top_left_share))
+        lines += ["⚠ " + w.text for w in found if "review" not in w.codes]
         return "\n".join(lines)
 
     def label(self) -> str:

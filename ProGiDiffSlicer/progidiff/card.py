@@ -23,58 +23,6 @@ def unseen_ends_text(ends: dict[str, list[str]]) -> str:
             "shows that end (and what lies beyond it) the model is on ground it never trained on: review it there.")
 
 
-def unseen_end_warning(organ: str, ends: list[str]) -> str:
-    """What segment says when a scan shows an end of the organ that no training slice showed."""
-    where = " and ".join({"superior": "top", "inferior": "bottom"}.get(e, e) for e in ends)
-    return (f"The model never saw the {' and '.join(ends)} end{'s' * (len(ends) > 1)} of the {organ} in training "
-            f"(its training scans cut it "
-            f"off there), and this scan shows {'them' if len(ends) > 1 else 'it'}: check the proposals' {where} slices.")
-
-
-def window_cut_warning(organ: str, sides: list[str], window_mm: float) -> str:
-    """What segment says when the ranked-first proposal reaches the edge of the model's window
-    (``engine.window_sides_cut``) and the scan goes on beyond it."""
-    return (f"The {organ} reaches the edge of the model's {window_mm:.0f} mm window on the patient's "
-            f"{' and '.join(sides)} side{'s' * (len(sides) > 1)}, and the scan goes on beyond it: the model sees "
-            f"nothing there, so the proposals stop at that edge. Check the {organ}'s {' and '.join(sides)} border.")
-
-
-#: A CT liver whose ranked-first proposal reads below this (median HU) is flagged. An unenhanced healthy
-#: liver reads 50-65 HU and under 40 is the usual CT sign of moderate to severe steatosis; contrast only
-#: raises it. Measured (ranked-first proposal's median, seed 0): the sample CT 45, its fatty liver 7, the
-#: painted person 44 and fatty 10, the PET/CT 94 and fatty 56, the portal-venous scan 100.
-DARK_LIVER_HU = 40.0
-
-
-def dark_liver_warning(median_hu: float) -> str:
-    """What segment says when the liver proposal reads darker than a healthy liver (DARK_LIVER_HU):
-    the model misses such livers more often (docs/evaluation/fatty-liver)."""
-    return (f"The liver proposal reads {median_hu:.0f} HU (median), darker than a healthy liver (50-65 HU without "
-            f"contrast; under {DARK_LIVER_HU:.0f} suggests a fatty liver). The default CT model, trained on one liver of "
-            "46 HU, finds livers this dark less well (Dice 0.76-0.80 where it scored 0.84-0.88 on the same bodies): check "
-            "its borders with the gallbladder, the stomach and the tissue around it.")
-
-
-#: A liver proposal whose top LIVER_TOP_MM lies more than this share left of the body's midline is
-#: flagged: the liver's top is its right lobe's dome, under the right hemidiaphragm, and the heart sits
-#: on the dome left of the midline. The model never saw a heart (its training scan stops below the
-#: dome), and unenhanced the heart is about as dense as a liver. Measured (report.json's top_left_share,
-#: docs/evaluation/ct-chest-cta): on a chest CT with its heart and great vessels made unenhanced, seeds
-#: 0/100/200, 0.78-0.86 where the proposal took 328-392 ml of the heart; 0.03-0.05 on that scan as
-#: acquired, the other person's PET/CT and the painted person; 0.15-0.20 where the scan's top cuts the
-#: liver through its widest part and its left lobe (the training person, six presentations of it).
-LIVER_TOP_LEFT_SHARE = 0.5
-LIVER_TOP_MM = 20.0
-
-
-def heart_warning(share: float) -> str:
-    """What segment says when the liver proposal's top lies mostly left of the midline (LIVER_TOP_LEFT_SHARE)."""
-    return (f"{100 * share:.0f} % of the liver proposal's top {LIVER_TOP_MM:.0f} mm lies left of the body's midline, "
-            "where the heart sits on the liver dome (a liver's top lies under the right hemidiaphragm). The model never "
-            "saw a heart, and without contrast the heart is about as dense as a liver: the proposal may hold part of "
-            "it. Check the top slices and erase what lies above the diaphragm.")
-
-
 def render(card: dict) -> str:
     t = card.get("training", {})
     adapter = card.get("kind") == "lora-adapter"

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .card import dark_liver_warning, heart_warning, unseen_end_warning, window_cut_warning
 from .errors import Cancelled, ProGiDiffError
 from .interrupts import cancel_on_signals
 
@@ -258,15 +257,8 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
                   f"{report['agreement']:.2f} · volume {vol['min']:.0f}/{vol['median']:.0f}/{vol['max']:.0f} mL, largest "
                   f"diameter {dia['min']:.0f}/{dia['median']:.0f}/{dia['max']:.0f} mm (min/median/max)"
                   f" · {report['seconds']:.1f}s{' · REVIEW CAREFULLY' if report['review'] else ''}\n  -> {o}/ (overview: {o / 'overview.png'})")
-            if report["unseen_organ_ends"]:
-                log.warning(unseen_end_warning(report["organ_display"].lower(), report["unseen_organ_ends"]))
-            if report["cut_by_model_window"]:
-                log.warning(window_cut_warning(report["organ_display"].lower(), report["cut_by_model_window"],
-                                               report["model_window_mm"]))
-            if report["dark_liver"]:
-                log.warning(dark_liver_warning(report["median_hu"]))
-            if report["heart_suspect"]:
-                log.warning(heart_warning(report["top_left_share"]))
+            for w in report["warnings"]:
+                log.warning(w["text"])
         if failed:
             print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
         return failed

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .card import DARK_LIVER_HU, LIVER_TOP_LEFT_SHARE, LIVER_TOP_MM
+from .alerts import LIVER_TOP_MM, Alert, find_alerts, is_dark_liver, is_heart_suspect
 from .errors import InputError, ModelError, PromptError
 from .model import DEFAULT_TEXT_ENCODER, ProGiDiffModel
 from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
@@ -138,30 +138,36 @@ class SegmentResult:
     #: The scan's median value inside the ranked-first proposal: HU on CT (a liver's attenuation is read
     #: for steatosis), None on MR, where intensities have no fixed scale, or for an empty proposal.
     median_hu: float | None = None
-    #: For a liver: the share of the ranked-first proposal's top card.LIVER_TOP_MM that lies left of the
+    #: For a liver: the share of the ranked-first proposal's top alerts.LIVER_TOP_MM that lies left of the
     #: body's midline (``left_share_of_top``); None for other organs and for an empty proposal.
     top_left_share: float | None = None
 
     @property
     def dark_liver(self) -> bool:
-        """A CT liver proposal darker than a healthy liver (card.DARK_LIVER_HU): a fatty liver, which
+        """A CT liver proposal darker than a healthy liver (alerts.DARK_LIVER_HU): a fatty liver, which
         the model finds less well."""
-        return self.organ.name == "liver" and self.median_hu is not None and self.median_hu < DARK_LIVER_HU
+        return is_dark_liver(self.organ.name, self.median_hu)
 
     @property
     def heart_suspect(self) -> bool:
         """A liver proposal whose top lies mostly left of the body's midline, where the heart sits on the
-        liver dome (card.LIVER_TOP_LEFT_SHARE): it may hold the heart, which the model never saw."""
-        return self.organ.name == "liver" and self.top_left_share is not None and self.top_left_share > LIVER_TOP_LEFT_SHARE
+        liver dome (alerts.LIVER_TOP_LEFT_SHARE): it may hold the heart, which the model never saw."""
+        return is_heart_suspect(self.organ.name, self.top_left_share)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """segment's warnings, each as a code, a phrase for the overview's title and a sentence
+        (alerts.find_alerts): the command line, report.json, the overview and Slicer all show these."""
+        return find_alerts(self.organ.name, self.organ.display, review=bool(self.ranking.review),
+                           agreement=self.ranking.agreement, unseen_ends=self.unseen_ends, window_cut=self.window_cut,
+                           window_mm=self.window_mm, median_hu=self.median_hu, top_left_share=self.top_left_share)
 
     @property
     def warnings(self) -> list[str]:
         """segment's warnings in short: "review" (the proposals disagree), "unseen <end> end", "cut <side>"
         (the model's window), "dark liver", "heart?"; empty where it says nothing. ``evaluate`` lists them
         beside the Dice, so a cohort shows whether they fall on the poor segmentations."""
-        return ((["review"] if self.ranking.review else []) + [f"unseen {e} end" for e in self.unseen_ends]
-                + [f"cut {s}" for s in self.window_cut] + (["dark liver"] if self.dark_liver else [])
-                + (["heart?"] if self.heart_suspect else []))
+        return [code for a in self.alerts for code in a.codes]
 
     @property
     def window_mm(self) -> float:

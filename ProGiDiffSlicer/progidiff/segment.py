@@ -52,6 +52,7 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "dark_liver": result.dark_liver,
         "top_left_share": None if result.top_left_share is None else round(result.top_left_share, 3),
         "heart_suspect": result.heart_suspect,
+        "warnings": [{"codes": list(a.codes), "text": a.text} for a in result.alerts],
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
         "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),
                  "origin": list(result.image.GetOrigin()), "direction": list(result.image.GetDirection())},
@@ -83,11 +84,7 @@ def write_result(result: SegmentResult, engine: Engine, outdir: Path, overwrite:
                                     result.organ.color, result.organ.slicer_terminology()))
             title = (f"{result.organ.display}: {len(result.masks)} proposals · agreement {result.ranking.agreement:.2f}"
                      f" · {report['volume_ml']['median']:.0f} mL (median)"
-                     + (" · REVIEW CAREFULLY" if result.ranking.review else "")
-                     + "".join(f" · {e} end unseen in training" for e in result.unseen_ends)
-                     + "".join(f" · cut at the window's {s} edge" for s in result.window_cut)
-                     + (f" · reads {result.median_hu:.0f} HU: a fatty liver?" if result.dark_liver else "")
-                     + (" · top left of the midline: the heart?" if result.heart_suspect else ""))
+                     + "".join(f" · {a.phrase}" for a in result.alerts))
             render_overview(result.grid_image, result.grid_masks, result.grid.GetSpacing(), tmp / "overview.png", title)
             for job in jobs:
                 job.result()  # a failed write raises here, and staging leaves no half-written output

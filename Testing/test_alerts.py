@@ -1,0 +1,42 @@
+"""segment's warnings are made in one place (progidiff.alerts) and shown in four: the command line,
+report.json, the overview's title and the Slicer notice. These pin what each form says."""
+from progidiff.alerts import (DARK_LIVER_HU, LIVER_TOP_LEFT_SHARE, dark_liver_warning, find_alerts, heart_warning,
+                              review_warning, unseen_end_warning, window_cut_warning)
+
+CALM = dict(review=False, agreement=0.9, unseen_ends=[], window_cut=[], window_mm=384.0, median_hu=55.0,
+            top_left_share=0.05)
+
+
+def test_a_calm_result_says_nothing():
+    assert find_alerts("liver", "Liver", **CALM) == []
+
+
+def test_every_warning_in_order_with_its_code_phrase_and_sentence():
+    loud = dict(CALM, review=True, agreement=0.62, unseen_ends=["superior", "inferior"], window_cut=["left"],
+                median_hu=12.4, top_left_share=0.8)
+    found = find_alerts("liver", "Liver", **loud)
+    assert [a.codes for a in found] == [("review",), ("unseen superior end", "unseen inferior end"), ("cut left",),
+                                        ("dark liver",), ("heart?",)]
+    assert [a.phrase for a in found] == ["REVIEW CAREFULLY", "superior and inferior ends unseen in training",
+                                         "cut at the window's left edge", "reads 12 HU: a fatty liver?",
+                                         "top left of the midline: the heart?"]
+    assert [a.text for a in found] == [review_warning(0.62), unseen_end_warning("liver", ["superior", "inferior"]),
+                                       window_cut_warning("liver", ["left"], 384.0), dark_liver_warning(12.4),
+                                       heart_warning(0.8)]
+    assert "agreement 0.62, under 0.80" in found[0].text
+    assert "top and bottom slices" in found[1].text
+
+
+def test_the_liver_signs_are_the_liver_s_and_need_a_measurement():
+    loud = dict(CALM, median_hu=12.0, top_left_share=0.9)
+    assert find_alerts("spleen", "Spleen", **loud) == []
+    assert find_alerts("liver", "Liver", **dict(CALM, median_hu=None, top_left_share=None)) == []   # MR, or empty
+    at = find_alerts("liver", "Liver", **dict(CALM, median_hu=DARK_LIVER_HU, top_left_share=LIVER_TOP_LEFT_SHARE))
+    assert at == []   # both thresholds are strict
+
+
+def test_the_window_names_both_sides_cut():
+    (cut,) = find_alerts("spleen", "Spleen", **dict(CALM, window_cut=["left", "posterior"]))
+    assert cut.codes == ("cut left", "cut posterior")
+    assert cut.phrase == "cut at the window's left and posterior edges"
+    assert "The spleen reaches the edge of the model's 384 mm window on the patient's left and posterior sides" in cut.text
