@@ -458,3 +458,27 @@ def test_set_structure_density_paints_the_mask_with_the_scan_s_own_noise_and_not
                         "--noise-from", str(tmp_path / f"{ref}.nii.gz")]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1 and not bad.exists()
+
+
+def test_score_review_rule_adds_the_pairs_well_below_the_card_s_usual_agreement(tmp_path, capsys):
+    sr = _load("score_review_rule")
+    model = tmp_path / "model"
+    model.mkdir()
+    card = {"training": {"dataset": "../data/ct-abdomen"},
+            "metrics": {"ct-abdomen": {"organs": {"liver": {"agreement": 0.95}, "spleen": {"agreement": 0.92}}}}}
+    (model / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
+    case = lambda organ, agreement, dice: {"case": "c1", "organ": organ, "agreement": agreement,
+                                           "ranked_first": {"dice": dice}}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"cases": [case("liver", 0.90, 0.80),    # 0.05 below: added, a target miss
+                                            case("liver", 0.94, 0.84),    # within the margin: a silent miss
+                                            case("spleen", 0.70, 0.40),   # under the floor: flagged by both
+                                            case("spleen", 0.91, 0.90)]}), encoding="utf-8")
+    assert sr.main([str(model), f"scan={report}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "| **target misses** | 3 | 1 | 2 |" in out   # the spleen at 0.40 is one too
+    assert "| 0.00–0.50 | 1 | 1 | 1 |" in out and "| 0.70–0.85 | 2 | 0 | 1 |" in out
+    assert "| scan | liver | 0.900 | 0.950 | 0.800 | yes | added |" in out
+    assert "| scan | liver | 0.940 | 0.950 | 0.840 | yes |  |" in out
+    assert not [ln for ln in out if ln.startswith("| scan | spleen")]
+    assert sr.main([str(model), f"scan={tmp_path / 'missing.json'}"]) == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .proposals import REVIEW_AGREEMENT
+from .proposals import BELOW_USUAL, REVIEW_AGREEMENT
 
 
 @dataclass(frozen=True)
@@ -17,10 +17,15 @@ class Alert:
     text: str     # the whole sentence, with what to check
 
 
-def review_warning(agreement: float) -> str:
-    """What segment says when the proposals agree too little (mean pairwise Dice below REVIEW_AGREEMENT)."""
-    return (f"The proposals disagree strongly (agreement {agreement:.2f}, under {REVIEW_AGREEMENT:.2f}): "
-            "review carefully before accepting.")
+def review_warning(agreement: float, usual: float | None = None) -> str:
+    """What segment says when the proposals agree too little (proposals.needs_review): below
+    REVIEW_AGREEMENT, or well below their agreement for this organ on the model's held-out data."""
+    if agreement < REVIEW_AGREEMENT:
+        return (f"The proposals disagree strongly (agreement {agreement:.2f}, under {REVIEW_AGREEMENT:.2f}): "
+                "review carefully before accepting.")
+    return (f"The proposals agree less than they did on the model's held-out data (agreement {agreement:.2f}, "
+            f"against {usual:.2f} there; more than {BELOW_USUAL:.2f} less): the model is less sure of this scan than "
+            "of scans like its training data. Review carefully before accepting.")
 
 
 def unseen_end_warning(organ: str, ends: list[str]) -> str:
@@ -89,13 +94,13 @@ def is_heart_suspect(organ: str, top_left_share: float | None) -> bool:
 
 def find_alerts(organ: str, display: str, *, review: bool, agreement: float, unseen_ends: list[str],
            window_cut: list[str], window_mm: float, median_hu: float | None,
-           top_left_share: float | None) -> list[Alert]:
+           top_left_share: float | None, usual_agreement: float | None = None) -> list[Alert]:
     """Every warning segment gives for one result, in the order it gives them; empty where it says nothing.
     ``organ`` is the vocabulary's name ("liver"), ``display`` the name shown ("Liver")."""
     name = display.lower()
     out = []
     if review:
-        out.append(Alert(("review",), "REVIEW CAREFULLY", review_warning(agreement)))
+        out.append(Alert(("review",), "REVIEW CAREFULLY", review_warning(agreement, usual_agreement)))
     if unseen_ends:
         out.append(Alert(tuple(f"unseen {e} end" for e in unseen_ends),
                          f"{' and '.join(unseen_ends)} end{'s' * (len(unseen_ends) > 1)} unseen in training",

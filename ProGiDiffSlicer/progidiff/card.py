@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from .proposals import BELOW_USUAL, REVIEW_AGREEMENT
+
 
 def format_mm(value: float | None) -> str:
     """A distance (HD95) for the tables: '–' where it is undefined (nothing predicted: NaN, or null in JSON)."""
@@ -78,16 +80,22 @@ def render(card: dict) -> str:
             lines.append(f"- The dataset: {m['dataset_description']}")
         lines += [f"- {k}: {v}" for k, v in m.get("evaluated_on", {}).items()]
         base = "baseline" in md if (md := m["mean_dice"]) else False
+        agr = any("agreement" in o for o in m["organs"].values())
         lines += [f"- {m['proposals']} proposals, {m['steps']} steps, {m['device']}; command: `{m['command']}`", "",
                   "| organ | ranked-first Dice | HD95 mm | consensus Dice | best-of-N Dice | RandTop-3 Dice | GED |"
-                  + (" baseline UNet Dice |" if base else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|" if base else "")]
+                  + (" agreement |" if agr else "") + (" baseline UNet Dice |" if base else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if agr else "") + ("---|" if base else "")]
         for organ, o in m["organs"].items():
             lines.append(f"| {organ} | {o['ranked_first_dice']:.3f} | {format_mm(o['ranked_first_hd95_mm'])} | {o['consensus_dice']:.3f} | "
                          f"{o['best_of_n_dice']:.3f} | {o['randtop3_dice']:.3f} | {o['ged']:.3f} |"
+                         + ((f" {o['agreement']:.3f} |" if "agreement" in o else " – |") if agr else "")
                          + (f" {o.get('baseline_unet_dice', float('nan')):.3f} |" if base else ""))
         lines.append(f"| **mean** | **{md['ranked_first']:.3f}** | | **{md['consensus']:.3f}** | **{md['best_of_n']:.3f}** | "
-                     f"**{md['randtop3']:.3f}** | |" + (f" **{md['baseline']:.3f}** |" if base else ""))
+                     f"**{md['randtop3']:.3f}** | |" + (" |" if agr else "") + (f" **{md['baseline']:.3f}** |" if base else ""))
+        if agr and dataset == Path(str(t.get("dataset", ""))).name:
+            lines += ["", f"Agreement is the proposals' mean pairwise Dice. `segment` asks for careful review where they "
+                          f"agree below {REVIEW_AGREEMENT:.2f}, or more than {BELOW_USUAL:.2f} below this table's agreement "
+                          "for the organ: the model is less sure of that scan than of this held-out data."]
     # Said of this card's own data (a researcher's model trains on their labels, not the shipped model's
     # TotalSegmentator predictions); each table's dataset description says what its labels are.
     n = len(t.get("cases", []))

@@ -141,6 +141,9 @@ class SegmentResult:
     #: For a liver: the share of the ranked-first proposal's top alerts.LIVER_TOP_MM that lies left of the
     #: body's midline (``left_share_of_top``); None for other organs and for an empty proposal.
     top_left_share: float | None = None
+    #: The organ's agreement on the held-out data of the model (or its adapter), as its card records it
+    #: (``usual_agreement``); None where the card holds none. Review is asked for well below it.
+    usual_agreement: float | None = None
 
     @property
     def dark_liver(self) -> bool:
@@ -160,7 +163,8 @@ class SegmentResult:
         (alerts.find_alerts): the command line, report.json, the overview and Slicer all show these."""
         return find_alerts(self.organ.name, self.organ.display, review=bool(self.ranking.review),
                            agreement=self.ranking.agreement, unseen_ends=self.unseen_ends, window_cut=self.window_cut,
-                           window_mm=self.window_mm, median_hu=self.median_hu, top_left_share=self.top_left_share)
+                           window_mm=self.window_mm, median_hu=self.median_hu, top_left_share=self.top_left_share,
+                           usual_agreement=self.usual_agreement)
 
     @property
     def warnings(self) -> list[str]:
@@ -361,7 +365,8 @@ class Engine:
         block, box = masks_from_model_grid(probs, ref, scan.image, box)
         if force is not None:
             block[:, keep[box]] = edited[box][keep[box]]  # the expert's kept voxels, exactly
-        ranking = rank(block)
+        usual = usual_agreement(p["model"].card, p["res"].organ.name)
+        ranking = rank(block, usual)
         order = ranking.order
         block = block[order]
         fused, rule = engine_consensus(block, ranking.agreement)
@@ -382,7 +387,18 @@ class Engine:
                                    self.card.get("training", {}).get("unseen_organ_ends", {}).get(p["res"].organ.name, [])),
             window_cut=window_sides_cut(grid_masks[order[0]], ref, scan.image),
             median_hu=median_inside(scan.image, box, block[0]) if p["modality"] == "CT" else None,
-            top_left_share=left_share_of_top(grid_masks[order[0]], ref) if p["res"].organ.name == "liver" else None)
+            top_left_share=left_share_of_top(grid_masks[order[0]], ref) if p["res"].organ.name == "liver" else None,
+            usual_agreement=usual)
+
+
+def usual_agreement(card: dict, organ: str) -> float | None:
+    """The organ's agreement (mean pairwise Dice of the proposals) on the held-out part of the dataset the
+    model, or the adapter applied to it (``card["adapter"]``), was trained on, as ``evaluate --into-card``
+    recorded it; None where the card records none (a model never evaluated so, or an older card)."""
+    c = card.get("adapter", card)
+    dataset = Path(str(c.get("training", {}).get("dataset", ""))).name
+    value = c.get("metrics", {}).get(dataset, {}).get("organs", {}).get(organ, {}).get("agreement")
+    return None if value is None else float(value)
 
 
 def median_inside(image: sitk.Image, box: tuple[slice, ...], mask: np.ndarray) -> float | None:

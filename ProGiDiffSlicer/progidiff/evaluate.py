@@ -532,6 +532,8 @@ def record_in_card(rep: dict, model_dir: Path, adapter: str | None) -> Path:
                        "ranked_first_hd95_mm": _card_mm(v["ranked_first"]["hd95"]),
                        "consensus_dice": float(v["consensus"]["dice"]), "best_of_n_dice": float(v["best_of_n"]["dice"]),
                        "randtop3_dice": float(v["randtop3"]["dice"]), "ged": float(v["ged"]),
+                       # segment asks for review where the proposals agree well below this (proposals.BELOW_USUAL)
+                       **({"agreement": float(v["agreement"])} if "agreement" in v else {}),
                        **({"baseline_unet_dice": float(v["baseline"]["dice"])} if "baseline" in v else {})}
                    for k, v in rep["organs"].items()},
     }
