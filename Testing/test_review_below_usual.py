@@ -1,5 +1,5 @@
-"""REVIEW CAREFULLY also where the proposals agree well below their agreement on the model's held-out data:
-`evaluate --into-card` records that agreement per organ, `segment` reads it back from the card (or the
+"""REVIEW CAREFULLY also where the proposals agree well below their agreement on the model's training data:
+`evaluate --into-card` records that agreement per organ beside the Dice, `segment` reads it back from the card (or the
 adapter's) and asks for review more than proposals.BELOW_USUAL below it."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_review_below_the_floor_or_well_below_the_usual():
     assert not needs_review(0.95 - BELOW_USUAL, usual=0.95)   # strict, as the floor
     assert needs_review(0.5, usual=0.3)                        # the floor holds whatever the usual
     assert review_warning(0.70).startswith("The proposals disagree strongly (agreement 0.70, under 0.80)")
-    assert "(agreement 0.90, against 0.95 there; more than 0.03 less)" in review_warning(0.90, 0.95)
+    assert "(agreement 0.90, against 0.95 there, as the model card records; more than 0.03 less)" in review_warning(0.90, 0.95)
 
 
 def test_the_usual_is_the_training_dataset_s_or_the_adapter_s():
@@ -28,7 +28,7 @@ def test_the_usual_is_the_training_dataset_s_or_the_adapter_s():
     organs = lambda v: {"organs": {"liver": {"ranked_first_dice": 0.9, "agreement": v}}}
     card = {"training": {"dataset": "../data/ct-abdomen"},
             "metrics": {"ct-abdomen": organs(0.95), "ct-other": organs(0.70)}}
-    assert usual_agreement(card, "liver") == 0.95          # the held-out part of its own data, not another set
+    assert usual_agreement(card, "liver") == 0.95          # its own training dataset's, not another set's
     assert usual_agreement(card, "spleen") is None
     assert usual_agreement({**card, "metrics": {"ct-other": organs(0.7)}}, "liver") is None
     older = {**card, "metrics": {"ct-abdomen": {"organs": {"liver": {"ranked_first_dice": 0.9}}}}}

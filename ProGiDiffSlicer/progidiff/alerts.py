@@ -19,13 +19,13 @@ class Alert:
 
 def review_warning(agreement: float, usual: float | None = None) -> str:
     """What segment says when the proposals agree too little (proposals.needs_review): below
-    REVIEW_AGREEMENT, or well below their agreement for this organ on the model's held-out data."""
+    REVIEW_AGREEMENT, or well below their agreement for this organ on the model's training dataset (its card)."""
     if agreement < REVIEW_AGREEMENT:
         return (f"The proposals disagree strongly (agreement {agreement:.2f}, under {REVIEW_AGREEMENT:.2f}): "
                 "review carefully before accepting.")
-    return (f"The proposals agree less than they did on the model's held-out data (agreement {agreement:.2f}, "
-            f"against {usual:.2f} there; more than {BELOW_USUAL:.2f} less): the model is less sure of this scan than "
-            "of scans like its training data. Review carefully before accepting.")
+    return (f"The proposals agree less than on the model's training data (agreement {agreement:.2f}, against "
+            f"{usual:.2f} there, as the model card records; more than {BELOW_USUAL:.2f} less): the model is less sure "
+            "of this scan than of scans like its training data. Review carefully before accepting.")
 
 
 def unseen_end_warning(organ: str, ends: list[str]) -> str:

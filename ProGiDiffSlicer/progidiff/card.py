@@ -95,7 +95,8 @@ def render(card: dict) -> str:
         if agr and dataset == Path(str(t.get("dataset", ""))).name:
             lines += ["", f"Agreement is the proposals' mean pairwise Dice. `segment` asks for careful review where they "
                           f"agree below {REVIEW_AGREEMENT:.2f}, or more than {BELOW_USUAL:.2f} below this table's agreement "
-                          "for the organ: the model is less sure of that scan than of this held-out data."]
+                          "for the organ: the model is less sure of that scan than of this data. The agreement is over each whole scan, "
+                          "as `segment` measures it, while the Dice is over the part scored."]
     # Said of this card's own data (a researcher's model trains on their labels, not the shipped model's
     # TotalSegmentator predictions); each table's dataset description says what its labels are.
     n = len(t.get("cases", []))

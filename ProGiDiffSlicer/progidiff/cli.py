@@ -432,8 +432,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="also simulate an expert fixing the worst slice of the ranked-first proposal, then refine")
     p.add_argument("--into-card", action="store_true",
                    help="record the per-organ results in the model card (or the adapter card with --adapter DIR); on the "
-                        "held-out part of the training dataset, segment then asks for review where the proposals "
-                        "agree well below the agreement recorded")
+                        "training dataset, segment then asks for review where the proposals agree well below the "
+                        "agreement recorded")
     p.add_argument("--split", help="only the cases of this split (\"test\"), where the dataset records one: "
                                    "the TotalSegmentator dataset's meta.csv")
     p.add_argument("--max-cases", type=_positive_int, metavar="N",

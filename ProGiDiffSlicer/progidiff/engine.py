@@ -141,7 +141,7 @@ class SegmentResult:
     #: For a liver: the share of the ranked-first proposal's top alerts.LIVER_TOP_MM that lies left of the
     #: body's midline (``left_share_of_top``); None for other organs and for an empty proposal.
     top_left_share: float | None = None
-    #: The organ's agreement on the held-out data of the model (or its adapter), as its card records it
+    #: The organ's agreement on the training dataset of the model (or its adapter), as its card records it
     #: (``usual_agreement``); None where the card holds none. Review is asked for well below it.
     usual_agreement: float | None = None
 
@@ -392,9 +392,11 @@ class Engine:
 
 
 def usual_agreement(card: dict, organ: str) -> float | None:
-    """The organ's agreement (mean pairwise Dice of the proposals) on the held-out part of the dataset the
-    model, or the adapter applied to it (``card["adapter"]``), was trained on, as ``evaluate --into-card``
-    recorded it; None where the card records none (a model never evaluated so, or an older card)."""
+    """The organ's agreement (mean pairwise Dice of the proposals) on the dataset the model, or the adapter
+    applied to it (``card["adapter"]``), was trained on, as ``evaluate --into-card`` recorded it beside the
+    Dice of its held-out part; None where the card records none (a model never evaluated so, or an older
+    card). It is over each whole scan, as segment's own agreement is: for the shipped model, the training
+    scan, of which the held-out slab was scored."""
     c = card.get("adapter", card)
     dataset = Path(str(c.get("training", {}).get("dataset", ""))).name
     value = c.get("metrics", {}).get(dataset, {}).get("organs", {}).get(organ, {}).get("agreement")

@@ -8,13 +8,13 @@ import numpy as np
 
 #: Mean pairwise Dice below which the proposals disagree enough to ask for careful review.
 REVIEW_AGREEMENT = 0.80
-#: How far the proposals may agree below their agreement for the same organ on the model's held-out data
+#: How far the proposals may agree below their agreement for the same organ on the model's training data
 #: (the model card's metrics, ``usual``) before review is asked for, even above REVIEW_AGREEMENT: a scan
 #: on which the model is less sure than on data like its training data is the scan it may fail on. 0.03 is
 #: three times the seed-to-seed spread (range over seeds 0/100/200) of the gallbladder's and stomach's
-#: agreement on the held-out slab (0.021, 0.020), and 4-10 times the liver's, spleen's and kidneys'
+#: agreement on the training scan (0.021, 0.020), and 4-10 times the liver's, spleen's and kidneys'
 #: (0.003-0.008). It was set after the agreement on 17 presentations had been read, so the catch rate
-#: there (3 of 6 target misses flagged, none on the slab's other seeds) is not an independent test:
+#: there (3 of 6 target misses flagged, none on the training scan's other seeds) is not an independent test:
 #: docs/evaluation/review-below-usual.
 BELOW_USUAL = 0.03
 
@@ -56,13 +56,13 @@ class ProposalSet:
 
 def needs_review(agreement: float, usual: float | None = None, margin: float = BELOW_USUAL) -> bool:
     """Ask for careful review: the proposals agree below REVIEW_AGREEMENT, or more than ``margin`` below
-    ``usual``, their agreement for this organ on the model's held-out data (None: not recorded)."""
+    ``usual``, their agreement for this organ on the model's training data (None: not recorded)."""
     return agreement < REVIEW_AGREEMENT or (usual is not None and agreement < usual - margin)
 
 
 def rank(masks: np.ndarray, usual: float | None = None) -> ProposalSet:
     """Rank by agreement with the others (mean pairwise Dice), ties by index; ``usual`` is the organ's
-    agreement on the model's held-out data, for ``needs_review``. Two scores from the
+    agreement on the model's training data, for ``needs_review``. Two scores from the
     model's own samples picked worse proposals on 45 organ x presentation pairs of `ct-v13` (mean Dice of
     the first: agreement 0.665, self-consistency after re-noising 0.649, decoded confidence 0.624):
     docs/evaluation/ranking-rules/README.md."""
