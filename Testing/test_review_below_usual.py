@@ -52,6 +52,16 @@ def test_evaluate_into_card_records_the_agreement_and_segment_reviews_below_it(t
     assert held["agreement"] == pytest.approx(rep["organs"]["liver"]["agreement"])
     assert "| agreement |" in (model / "README.md").read_text(encoding="utf-8")
 
+    # a second evaluation shows the card's agreement beside the cohort's
+    assert cli.main(["evaluate", str(model), str(tiny_dataset), "-n", "2", "--steps", "1", "--device", "cpu",
+                     "--baseline", "none", "-o", str(tmp_path / "eval2")]) == 0
+    again = json.loads((tmp_path / "eval2" / "report.json").read_text(encoding="utf-8"))
+    assert again["organs"]["liver"]["usual_agreement"] == pytest.approx(held["agreement"])
+    row = next(ln for ln in (tmp_path / "eval2" / "report.md").read_text(encoding="utf-8").splitlines()
+               if ln.startswith("| liver |"))
+    assert row.endswith(f"| {again['organs']['liver']['agreement']:.3f} (model card {held['agreement']:.3f}) |")
+    assert rep["organs"]["liver"]["usual_agreement"] is None   # the first ran before the card held it
+
     # segment reads it back: raised above what two proposals can reach, every liver is sent to review
     held["agreement"] = 1.0 + 2 * BELOW_USUAL
     (model / "model_card.json").write_text(json.dumps(card), encoding="utf-8")

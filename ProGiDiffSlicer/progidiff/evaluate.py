@@ -23,7 +23,7 @@ from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
 from .label_names import log_lesions_counted, organ_label_values, organ_mask
 from .outputs import staging
-from .proposals import CONSENSUS_MIN_AGREEMENT
+from .proposals import BELOW_USUAL, CONSENSUS_MIN_AGREEMENT, REVIEW_AGREEMENT
 from .volume import guess_modality, read_scan
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,8 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         # wider than the model's own for a wide body (volume.body_window)
                         "window_mm": res.window_mm,
                         "warnings": res.warnings,
+                        # the model card's agreement for the organ, which segment's review compares with
+                        "usual_agreement": res.usual_agreement,
                     }
                     base_mask = None
                     if base_net is not None and organ_name in base_net.organs:
@@ -302,6 +304,12 @@ def _panel(scan, res, ref: np.ndarray, keep: np.ndarray, base_mask: np.ndarray |
     return res.grid.TransformIndexToPhysicalPoint((0, 0, k))[2], panel  # the slice's world z (mm)
 
 
+def _usual(value: float | None) -> str:
+    """The model card's agreement for the organ beside the cohort's: where the cohort's lies more than
+    proposals.BELOW_USUAL below it, segment asks for review (the model is less sure than on its training data)."""
+    return "" if value is None else f" (model card {value:.3f})"
+
+
 def _summarise(rows, regions, engine, dataset, n, steps, seconds, command, description: str = "") -> dict:
     organs: dict[str, dict] = {}
     for name in dict.fromkeys(r.organ for r in rows):
@@ -313,6 +321,8 @@ def _summarise(rows, regions, engine, dataset, n, steps, seconds, command, descr
                                         "hd95": _nanmean([r["baseline"]["hd95"] for r in rs])}
         organs[name]["ged"] = _nanmean([r["ged"] for r in rs])
         organs[name]["agreement"] = _nanmean([r["agreement"] for r in rs])
+        usual = [r["usual_agreement"] for r in rs if r.get("usual_agreement") is not None]
+        organs[name]["usual_agreement"] = usual[0] if usual else None
         organs[name]["cases"] = len(rs)
         if all("edit" in r for r in rs):
             organs[name]["edit"] = {"dice_before": _nanmean([r["edit"]["dice_before"] for r in rs]),
@@ -374,7 +384,7 @@ def _markdown(rep: dict) -> str:
     for name, o in rep["organs"].items():
         row = (f"| {name} | {o['ranked_first']['dice']:.3f} | {format_mm(o['ranked_first']['hd95'])} | {o['consensus']['dice']:.3f} | "
                f"{format_mm(o['consensus']['hd95'])} | {o['best_of_n']['dice']:.3f} | {o['randtop3']['dice']:.3f} | "
-               f"{o['ged']:.3f} | {o['agreement']:.3f} |")
+               f"{o['ged']:.3f} | {o['agreement']:.3f}{_usual(o.get('usual_agreement'))} |")
         if has_base:
             row += f" {o['baseline']['dice']:.3f} | {format_mm(o['baseline']['hd95'])} |"
         lines.append(row)
@@ -386,6 +396,10 @@ def _markdown(rep: dict) -> str:
     lines += ["", "Consensus: the engine's, the ranked-first proposal corrected by the vote (without the voxels fewer than "
               "a quarter of the proposals hold, with those at least three quarters hold), uncorrected where their "
               f"agreement (mean pairwise Dice) is below {CONSENSUS_MIN_AGREEMENT:g}."]
+    if any(o.get("usual_agreement") is not None for o in rep["organs"].values()):
+        lines += ["", "Agreement (model card): the organ's agreement on the model's training data, as its card records it. "
+                  f"`segment` asks for review where a scan's proposals agree more than {BELOW_USUAL:g} below it, or "
+                  f"below {REVIEW_AGREEMENT:g}: the model is less sure of such a scan than of its training data."]
     if any("edit" in o for o in rep["organs"].values()):
         lines += ["", "Simulated expert edit (the ranked-first proposal corrected on its worst slice, then `refine`):", "",
                   "| organ | Dice before | Dice after refine | kept voxels unchanged |", "|---|---|---|---|"]
