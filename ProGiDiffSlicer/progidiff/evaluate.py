@@ -398,8 +398,8 @@ def _markdown(rep: dict) -> str:
               f"agreement (mean pairwise Dice) is below {CONSENSUS_MIN_AGREEMENT:g}."]
     if any(o.get("usual_agreement") is not None for o in rep["organs"].values()):
         lines += ["", "Agreement (model card): the organ's agreement on the model's training data, as its card records it. "
-                  f"`segment` asks for review where a scan's proposals agree more than {BELOW_USUAL:g} below it, or "
-                  f"below {REVIEW_AGREEMENT:g}: the model is less sure of such a scan than of its training data."]
+                  f"`segment` asks for review where a scan's proposals agree more than {BELOW_USUAL:.2f} below it, or "
+                  f"below {REVIEW_AGREEMENT:.2f}: the model is less sure of such a scan than of its training data."]
     if any("edit" in o for o in rep["organs"].values()):
         lines += ["", "Simulated expert edit (the ranked-first proposal corrected on its worst slice, then `refine`):", "",
                   "| organ | Dice before | Dice after refine | kept voxels unchanged |", "|---|---|---|---|"]
