@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Would segment's REVIEW CAREFULLY fall on the poor segmentations, with and without the rule that also
-asks for review where the proposals agree well below their agreement on the model's held-out data?
+asks for review where the proposals agree well below their agreement on the model's training data
+(the model card's)?
 
 Every per-case row of a `progidiff evaluate` report holds the proposals' agreement and the ranked-first
 Dice, so the rule needs no re-sampling: it is applied here with the engine's own ``needs_review``, the

@@ -93,8 +93,8 @@ def is_heart_suspect(organ: str, top_left_share: float | None) -> bool:
 
 
 def find_alerts(organ: str, display: str, *, review: bool, agreement: float, unseen_ends: list[str],
-           window_cut: list[str], window_mm: float, median_hu: float | None,
-           top_left_share: float | None, usual_agreement: float | None = None) -> list[Alert]:
+                window_cut: list[str], window_mm: float, median_hu: float | None,
+                top_left_share: float | None, usual_agreement: float | None = None) -> list[Alert]:
     """Every warning segment gives for one result, in the order it gives them; empty where it says nothing.
     ``organ`` is the vocabulary's name ("liver"), ``display`` the name shown ("Liver")."""
     name = display.lower()
