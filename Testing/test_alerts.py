@@ -40,3 +40,15 @@ def test_the_window_names_both_sides_cut():
     assert cut.codes == ("cut left", "cut posterior")
     assert cut.phrase == "cut at the window's left and posterior edges"
     assert "The spleen reaches the edge of the model's 384 mm window on the patient's left and posterior sides" in cut.text
+
+
+def test_review_below_the_usual_says_against_what():
+    (alert,) = find_alerts("kidney_left", "Left kidney", **dict(CALM, review=True, agreement=0.823, usual_agreement=0.8715))
+    assert alert.codes == ("review",) and alert.phrase == "REVIEW CAREFULLY (the usual 0.87)"
+    assert alert.text == review_warning(0.823, 0.8715)
+    assert "(agreement 0.82, against 0.87 there, as the model card records; more than 0.03 less)" in alert.text
+    (floor,) = find_alerts("kidney_left", "Left kidney", **dict(CALM, review=True, agreement=0.62, usual_agreement=0.8715))
+    assert floor.phrase == "REVIEW CAREFULLY" and "under 0.80" in floor.text
+    # a review flag set by another rule, with no usual agreement known, is still said without failing
+    (other,) = find_alerts("liver", "Liver", **dict(CALM, review=True, agreement=0.85))
+    assert other.phrase == "REVIEW CAREFULLY" and other.text.startswith("The proposals disagree (agreement 0.85)")

@@ -23,6 +23,8 @@ def review_warning(agreement: float, usual: float | None = None) -> str:
     if agreement < REVIEW_AGREEMENT:
         return (f"The proposals disagree strongly (agreement {agreement:.2f}, under {REVIEW_AGREEMENT:.2f}): "
                 "review carefully before accepting.")
+    if usual is None:   # flagged by a caller's own rule: say only what is known
+        return f"The proposals disagree (agreement {agreement:.2f}): review carefully before accepting."
     return (f"The proposals agree less than on the model's training data (agreement {agreement:.2f}, against "
             f"{usual:.2f} there, as the model card records; more than {BELOW_USUAL:.2f} less): the model is less sure "
             "of this scan than of scans like its training data. Review carefully before accepting.")
@@ -100,7 +102,9 @@ def find_alerts(organ: str, display: str, *, review: bool, agreement: float, uns
     name = display.lower()
     out = []
     if review:
-        out.append(Alert(("review",), "REVIEW CAREFULLY", review_warning(agreement, usual_agreement)))
+        below_usual = agreement >= REVIEW_AGREEMENT and usual_agreement is not None
+        out.append(Alert(("review",), f"REVIEW CAREFULLY (the usual {usual_agreement:.2f})" if below_usual
+                         else "REVIEW CAREFULLY", review_warning(agreement, usual_agreement)))
     if unseen_ends:
         out.append(Alert(tuple(f"unseen {e} end" for e in unseen_ends),
                          f"{' and '.join(unseen_ends)} end{'s' * (len(unseen_ends) > 1)} unseen in training",
