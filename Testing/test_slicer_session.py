@@ -60,6 +60,7 @@ def test_cycle_label_accept_and_discard(result):
     assert "SCT^10200004^Liver" in scene.nodes[node]["terminology"]
     assert scene.visible == (node, 0)
     assert s.label().startswith("1 of 3 · agreement ") and s.label().endswith(" mm") and " mL · " in s.label()
+    assert "usual" not in s.label()   # the fixture's card records no usual agreement
     assert s.ranges().startswith("volume ") and "(min / median / max of 3)" in s.ranges()
     s.next()
     s.next()
@@ -181,3 +182,10 @@ def test_warnings_in_short_list_what_segment_says(result):
                    median_hu=8.0, top_left_share=0.8)
     assert loud.warnings == ["review", "unseen superior end", "cut left", "dark liver", "heart?"]
     assert replace(loud, organ=replace(result.organ, name="spleen")).warnings == ["review", "unseen superior end", "cut left"]
+
+
+def test_the_label_reads_the_agreement_against_the_usual(result):
+    from dataclasses import replace
+
+    s = ProposalSession(FakeScene(), replace(result, usual_agreement=0.9485), "volume")
+    assert f"· agreement {result.ranking.agreement:.2f} (usual 0.95) · " in s.label()

@@ -63,10 +63,13 @@ class ProposalSession:
         return "\n".join(lines)
 
     def label(self) -> str:
-        """'3 of 8 · agreement 0.91 · 142 mL'"""
+        """'3 of 8 · agreement 0.91 (usual 0.95) · 142 mL · 120 mm': the usual is the organ's agreement on the
+        model's training data (its card), where the card records it, so the number can be read against it."""
         info = self.infos[self.index]
-        return (f"{self.index + 1} of {self.count} · agreement {self.result.ranking.agreement:.2f} · "
-                f"{info.volume_ml:.0f} mL · {info.diameter_mm:.0f} mm")
+        usual = getattr(self.result, "usual_agreement", None)
+        return (f"{self.index + 1} of {self.count} · agreement {self.result.ranking.agreement:.2f}"
+                + (f" (usual {usual:.2f})" if usual is not None else "")
+                + f" · {info.volume_ml:.0f} mL · {info.diameter_mm:.0f} mm")
 
     def ranges(self) -> str:
         """Measurements with their spread across proposals (min / median / max)."""
