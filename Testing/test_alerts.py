@@ -52,3 +52,11 @@ def test_review_below_the_usual_says_against_what():
     # a review flag set by another rule, with no usual agreement known, is still said without failing
     (other,) = find_alerts("liver", "Liver", **dict(CALM, review=True, agreement=0.85))
     assert other.phrase == "REVIEW CAREFULLY" and other.text.startswith("The proposals disagree (agreement 0.85)")
+
+
+def test_segment_help_states_the_review_thresholds_the_engine_uses():
+    """The --help text spells them out (cli imports no numpy, so that --help stays fast): it must not drift."""
+    from progidiff.cli import EPILOG_SEGMENT
+    from progidiff.proposals import BELOW_USUAL, REVIEW_AGREEMENT
+
+    assert f"below {REVIEW_AGREEMENT:.2f}, or more than {BELOW_USUAL:.2f} below the organ's" in EPILOG_SEGMENT

@@ -25,6 +25,8 @@ EPILOG_SEGMENT = """example:
   progidiff segment scan.nii.gz --prompt liver --proposals 8 -o out/
   progidiff segment dicom_folder/ --prompt "left kidney" --steps 6 --seed 1 -o out/
   accelerate launch -m progidiff.cli segment cohort/ --prompt pancreas -o results/   # cases split over GPUs
+REVIEW CAREFULLY: the proposals agree (mean pairwise Dice) below 0.80, or more than 0.03 below the organ's
+agreement on the model's training data (its card); report.json's "warnings" lists every warning given
 """
 EPILOG_TRAIN = """example:
   progidiff train ../shared/data/ct-abdomen -o my_model --organs liver spleen
