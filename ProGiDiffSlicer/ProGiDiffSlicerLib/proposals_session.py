@@ -56,10 +56,11 @@ class ProposalSession:
     def notice(self) -> str:
         """The warning shown under the proposals: empty when they agree."""
         found = self.result.alerts
-        lines = ["⚠ " + w.text for w in found[:1] if "review" in w.codes]
+        review = [w for w in found if "review" in w.codes]   # first, with the vote's note after it
+        lines = ["⚠ " + w.text for w in review]
         if self.result.consensus_rule == "ranked-first":
             lines.append("Too little agreement for a vote: the consensus is the ranked-first proposal.")
-        lines += ["⚠ " + w.text for w in found if "review" not in w.codes]
+        lines += ["⚠ " + w.text for w in found if w not in review]
         return "\n".join(lines)
 
     def label(self) -> str:

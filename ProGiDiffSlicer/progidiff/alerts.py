@@ -17,17 +17,23 @@ class Alert:
     text: str     # the whole sentence, with what to check
 
 
+def _flagged_by_usual(agreement: float, usual: float | None) -> bool:
+    """Whether a review flag is the usual agreement's (proposals.needs_review's second test), not the floor's."""
+    return agreement >= REVIEW_AGREEMENT and usual is not None
+
+
 def review_warning(agreement: float, usual: float | None = None) -> str:
     """What segment says when the proposals agree too little (proposals.needs_review): below
     REVIEW_AGREEMENT, or well below their agreement for this organ on the model's training dataset (its card)."""
+    if _flagged_by_usual(agreement, usual):
+        return (f"The proposals agree less than on the model's training data (agreement {agreement:.2f}, against "
+                f"{usual:.2f} there, as the model card records; more than {BELOW_USUAL:.2f} less): the model is less "
+                "sure of this scan than of scans like its training data. Review carefully before accepting.")
     if agreement < REVIEW_AGREEMENT:
         return (f"The proposals disagree strongly (agreement {agreement:.2f}, under {REVIEW_AGREEMENT:.2f}): "
                 "review carefully before accepting.")
-    if usual is None:   # flagged by a caller's own rule: say only what is known
-        return f"The proposals disagree (agreement {agreement:.2f}): review carefully before accepting."
-    return (f"The proposals agree less than on the model's training data (agreement {agreement:.2f}, against "
-            f"{usual:.2f} there, as the model card records; more than {BELOW_USUAL:.2f} less): the model is less sure "
-            "of this scan than of scans like its training data. Review carefully before accepting.")
+    # flagged by a caller's own rule, with no usual agreement known: say only what is known
+    return f"The proposals disagree (agreement {agreement:.2f}): review carefully before accepting."
 
 
 def unseen_end_warning(organ: str, ends: list[str]) -> str:
@@ -102,9 +108,9 @@ def find_alerts(organ: str, display: str, *, review: bool, agreement: float, uns
     name = display.lower()
     out = []
     if review:
-        below_usual = agreement >= REVIEW_AGREEMENT and usual_agreement is not None
-        out.append(Alert(("review",), f"REVIEW CAREFULLY (the usual {usual_agreement:.2f})" if below_usual
-                         else "REVIEW CAREFULLY", review_warning(agreement, usual_agreement)))
+        phrase = (f"REVIEW CAREFULLY (the usual {usual_agreement:.2f})" if _flagged_by_usual(agreement, usual_agreement)
+                  else "REVIEW CAREFULLY")
+        out.append(Alert(("review",), phrase, review_warning(agreement, usual_agreement)))
     if unseen_ends:
         out.append(Alert(tuple(f"unseen {e} end" for e in unseen_ends),
                          f"{' and '.join(unseen_ends)} end{'s' * (len(unseen_ends) > 1)} unseen in training",

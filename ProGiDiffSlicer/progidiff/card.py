@@ -9,6 +9,12 @@ from pathlib import Path
 from .proposals import BELOW_USUAL, REVIEW_AGREEMENT
 
 
+def training_metrics_name(card: dict) -> str:
+    """The name of the card's metrics entry for the dataset it (a model or an adapter card) was trained on:
+    the one whose agreement segment reads as the usual (engine.usual_agreement)."""
+    return Path(str(card.get("training", {}).get("dataset", ""))).name
+
+
 def format_mm(value: float | None) -> str:
     """A distance (HD95) for the tables: '–' where it is undefined (nothing predicted: NaN, or null in JSON)."""
     return "–" if value is None or not math.isfinite(value) else f"{value:.1f}"
@@ -92,7 +98,7 @@ def render(card: dict) -> str:
                          + (f" {o.get('baseline_unet_dice', float('nan')):.3f} |" if base else ""))
         lines.append(f"| **mean** | **{md['ranked_first']:.3f}** | | **{md['consensus']:.3f}** | **{md['best_of_n']:.3f}** | "
                      f"**{md['randtop3']:.3f}** | |" + (" |" if agr else "") + (f" **{md['baseline']:.3f}** |" if base else ""))
-        if agr and dataset == Path(str(t.get("dataset", ""))).name:
+        if agr and dataset == training_metrics_name(card):
             lines += ["", f"Agreement is the proposals' mean pairwise Dice. `segment` asks for careful review where they "
                           f"agree below {REVIEW_AGREEMENT:.2f}, or more than {BELOW_USUAL:.2f} below this table's agreement "
                           "for the organ: the model is less sure of that scan than of this data. The agreement is over each whole scan, "

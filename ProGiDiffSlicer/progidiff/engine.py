@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from .alerts import LIVER_TOP_MM, Alert, find_alerts, is_dark_liver, is_heart_suspect
+from .card import training_metrics_name
 from .errors import InputError, ModelError, PromptError
 from .model import DEFAULT_TEXT_ENCODER, ProGiDiffModel
 from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_text_encoder_dir
@@ -398,8 +399,7 @@ def usual_agreement(card: dict, organ: str) -> float | None:
     card). It is over each whole scan, as segment's own agreement is: for the shipped model, the training
     scan, of which the held-out slab was scored."""
     c = card.get("adapter", card)
-    dataset = Path(str(c.get("training", {}).get("dataset", ""))).name
-    value = c.get("metrics", {}).get(dataset, {}).get("organs", {}).get(organ, {}).get("agreement")
+    value = c.get("metrics", {}).get(training_metrics_name(c), {}).get("organs", {}).get(organ, {}).get("agreement")
     return None if value is None else float(value)
 
 
