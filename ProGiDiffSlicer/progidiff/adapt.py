@@ -8,7 +8,6 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .configs import AdaptConfig  # noqa: F401 (re-exported: progidiff.adapt.AdaptConfig)
 from .data import SliceDataset, prepare_case
 from .datasets import read_dataset
 from .errors import InputError, ModelError
@@ -104,23 +104,6 @@ def find_adapter(model_dir: Path, modality: str, base_sha: str | None) -> Path |
         if card.get("modality") == modality and (base_sha is None or card.get("base_sha256") == base_sha):
             return c
     return None
-
-
-@dataclass
-class AdaptConfig:
-    dataset: str
-    base: str
-    output: str
-    modality: str = "MR"
-    shots: int = 10
-    rank: int = 8
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    seed: int = 0
-    include_base: bool = False
-    bias_field: bool = True
-    command: str = ""
 
 
 def base_dice_loss(card: dict) -> str:

@@ -50,7 +50,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .train import DEFAULT_ORGANS, TrainConfig
+    from .configs import DEFAULT_ORGANS, TrainConfig
 
     d = TrainConfig(dataset="", output="")
     p = sub.add_parser("train", help="train a model on an nnU-Net/MSD-style dataset",
@@ -339,7 +339,7 @@ EPILOG_ADAPT = """example:
 
 
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
-    from .adapt import AdaptConfig
+    from .configs import AdaptConfig
 
     d = AdaptConfig("", "", "")
     p = sub.add_parser("adapt", help="few-shot LoRA adaptation to a new modality (CT -> MR)",

@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .configs import BODY_SCALE  # defined with TrainConfig, which defaults to it
 from .datasets import CaseEntry, DatasetInfo, grid_mismatch, read_dataset, read_label  # noqa: F401 (re-exported)
 from .errors import InputError
 from .label_names import (dataset_organs, label_organs, lesions_counted, organ_label_values,  # noqa: F401 (re-exported)
@@ -98,8 +99,6 @@ def unseen_organ_ends(cases: Sequence[PreparedCase], organs: Sequence[str],
     return out
 
 
-#: Default range of the body-size augmentation: the slice's content drawn 0.8x to 1.33x as large.
-BODY_SCALE = (0.8, 4 / 3)
 
 #: Contrast-phase augmentation: HU each organ gains over an unenhanced scan in a portal-venous phase
 #: (typical adult values; scripts/enhance_dataset_contrast.py makes its test presentation from the same
