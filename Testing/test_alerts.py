@@ -1,7 +1,7 @@
 """segment's warnings are made in one place (progidiff.alerts) and shown in four: the command line,
 report.json, the overview's title and the Slicer notice. These pin what each form says."""
 from progidiff.alerts import (DARK_LIVER_HU, LIVER_TOP_LEFT_SHARE, dark_liver_warning, find_alerts, heart_warning,
-                              review_warning, unseen_end_warning, window_cut_warning)
+                              nothing_found_warning, review_warning, unseen_end_warning, window_cut_warning)
 
 CALM = dict(review=False, agreement=0.9, unseen_ends=[], window_cut=[], window_mm=384.0, median_hu=55.0,
             top_left_share=0.05)
@@ -25,6 +25,17 @@ def test_every_warning_in_order_with_its_code_phrase_and_sentence():
                                        heart_warning(0.8)]
     assert "agreement 0.62, under 0.80" in found[0].text
     assert "top and bottom slices" in found[1].text
+
+
+def test_proposals_that_are_all_empty_are_said_first_and_not_as_absence():
+    """Empty proposals 'agree' at 1.0, so no review flag fires: this alert is what tells the user."""
+    found = find_alerts("kidney_left", "Left kidney", **dict(CALM, agreement=1.0, median_hu=None, top_left_share=None,
+                                                              unseen_ends=["superior"], empty_of=8))
+    assert [a.codes for a in found][0] == ("nothing found",) and found[0].phrase == "NOTHING FOUND"
+    assert found[0].text == nothing_found_warning("left kidney", 8)
+    assert found[0].text.startswith("None of the 8 proposals holds any left kidney")
+    assert "not a finding that the left kidney is absent" in found[0].text
+    assert find_alerts("liver", "Liver", **dict(CALM, empty_of=0)) == []
 
 
 def test_the_liver_signs_are_the_liver_s_and_need_a_measurement():

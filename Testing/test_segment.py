@@ -274,3 +274,29 @@ def test_seg_nrrd_holds_every_proposal_on_its_own_layer(tmp_path, kind):
     for i in range(4):
         np.testing.assert_array_equal(data[i].transpose(2, 1, 0), masks[i])
         assert header[f"Segment{i}_Layer"] == str(i)
+
+
+@pytest.mark.slow
+def test_segment_says_so_when_every_proposal_is_empty(tmp_path, ct_crop, caplog, monkeypatch):
+    """Empty proposals agree perfectly (Dice of two empty masks: 1), so before this the command line, the
+    overview and Slicer showed an empty result without a word: e.g. a scan with a wrong 10 mm slice spacing
+    in its header, on which the shipped model found no liver."""
+    import logging
+
+    from progidiff import cli, engine, segment
+    from progidiff.alerts import nothing_found_warning
+
+    real = engine.sample_proposals
+    monkeypatch.setattr(engine, "sample_proposals", lambda *a, **k: real(*a, **k) * 0.0)
+    titles = []
+    drawn = segment.render_overview
+    monkeypatch.setattr(segment, "render_overview", lambda *a: titles.append(a[-1]) or drawn(*a))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="progidiff"):
+        assert cli.main(["segment", str(ct_crop), "--prompt", "spleen", "-n", "2", "--steps", "1", "--device", "cpu",
+                         "--modality", "CT", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["volume_ml"]["max"] == 0.0 and report["agreement"] == 1.0 and report["review"] is False
+    assert report["warnings"][0] == {"codes": ["nothing found"], "text": nothing_found_warning("spleen", 2)}
+    assert nothing_found_warning("spleen", 2) in [r.getMessage() for r in caplog.records]
+    assert " · NOTHING FOUND" in titles[-1]

@@ -11,9 +11,9 @@ from .proposals import BELOW_USUAL, REVIEW_AGREEMENT
 
 @dataclass(frozen=True)
 class Alert:
-    #: in short, one per thing found: "review", "unseen superior end", "cut left", "dark liver", "heart?"
+    #: in short, one per thing found: "nothing found", "review", "unseen superior end", "cut left", "dark liver", "heart?"
     codes: tuple[str, ...]
-    phrase: str   # for the overview's title: "REVIEW CAREFULLY", "top left of the midline: the heart?"
+    phrase: str   # for the overview's title: "NOTHING FOUND", "REVIEW CAREFULLY", "top left of the midline: the heart?"
     text: str     # the whole sentence, with what to check
 
 
@@ -34,6 +34,14 @@ def review_warning(agreement: float, usual: float | None = None) -> str:
                 "review carefully before accepting.")
     # flagged by a caller's own rule, with no usual agreement known: say only what is known
     return f"The proposals disagree (agreement {agreement:.2f}): review carefully before accepting."
+
+
+def nothing_found_warning(organ: str, proposals: int) -> str:
+    """What segment says when every proposal is empty. The proposals then 'agree' perfectly (the Dice of two
+    empty masks is 1), so without this an empty result was shown with no warning at all."""
+    return (f"None of the {proposals} proposals holds any {organ}: the model found none in this scan. That is not a "
+            f"finding that the {organ} is absent: check that the scan shows it (its field of view), that the prompt "
+            "names the organ meant, and that the modality is the model's; then draw it in the Segment Editor.")
 
 
 def unseen_end_warning(organ: str, ends: list[str]) -> str:
@@ -102,11 +110,15 @@ def is_heart_suspect(organ: str, top_left_share: float | None) -> bool:
 
 def find_alerts(organ: str, display: str, *, review: bool, agreement: float, unseen_ends: list[str],
                 window_cut: list[str], window_mm: float, median_hu: float | None,
-                top_left_share: float | None, usual_agreement: float | None = None) -> list[Alert]:
+                top_left_share: float | None, usual_agreement: float | None = None,
+                empty_of: int = 0) -> list[Alert]:
     """Every warning segment gives for one result, in the order it gives them; empty where it says nothing.
-    ``organ`` is the vocabulary's name ("liver"), ``display`` the name shown ("Liver")."""
+    ``organ`` is the vocabulary's name ("liver"), ``display`` the name shown ("Liver"); ``empty_of``: the
+    number of proposals when every one of them is empty, else 0."""
     name = display.lower()
     out = []
+    if empty_of:
+        out.append(Alert(("nothing found",), "NOTHING FOUND", nothing_found_warning(name, empty_of)))
     if review:
         phrase = (f"REVIEW CAREFULLY (the usual {usual_agreement:.2f})" if _flagged_by_usual(agreement, usual_agreement)
                   else "REVIEW CAREFULLY")

@@ -165,11 +165,12 @@ class SegmentResult:
         return find_alerts(self.organ.name, self.organ.display, review=bool(self.ranking.review),
                            agreement=self.ranking.agreement, unseen_ends=self.unseen_ends, window_cut=self.window_cut,
                            window_mm=self.window_mm, median_hu=self.median_hu, top_left_share=self.top_left_share,
-                           usual_agreement=self.usual_agreement)
+                           usual_agreement=self.usual_agreement,
+                           empty_of=0 if self.masks.any() else len(self.masks))
 
     @property
     def warnings(self) -> list[str]:
-        """segment's warnings in short: "review" (the proposals disagree), "unseen <end> end", "cut <side>"
+        """segment's warnings in short: "nothing found" (every proposal empty), "review" (the proposals disagree), "unseen <end> end", "cut <side>"
         (the model's window), "dark liver", "heart?"; empty where it says nothing. ``evaluate`` lists them
         beside the Dice, so a cohort shows whether they fall on the poor segmentations."""
         return [code for a in self.alerts for code in a.codes]
