@@ -262,3 +262,16 @@ def test_resampling_only_the_organ_box_gives_the_whole_grid_voxels(where):
         assert block.any() and 0 < block[0].size < 0.5 * np.prod(target.GetSize())
     if where in ("outside the scan", "nowhere"):
         assert block.size == 0
+
+
+def test_a_label_map_given_as_the_scan_is_refused(tmp_path, ct_label_path, ct_path):
+    """labelsTr/ for imagesTr/ (or a segmentation picked as Slicer's input): the model would segment it."""
+    with pytest.raises(InputError, match=r"looks like a label map \(62 distinct whole values from 0 to 117\)"):
+        read_scan(ct_label_path)
+    binary = (np.random.default_rng(0).random((20, 32, 32)) > 0.5).astype(np.uint8)
+    with pytest.raises(InputError, match="label map"):
+        read_scan(_write(tmp_path, binary))
+    read_scan(ct_path)   # the scan the labels were drawn on is read
+    # an 8-bit image of whole numbers from 0 with the many values of a scan is a scan
+    eight_bit = np.random.default_rng(1).integers(0, 256, (20, 32, 32)).astype(np.uint8)
+    assert read_scan(_write(tmp_path, eight_bit, name="u8.nii.gz")).image.GetSize() == (32, 32, 20)
