@@ -33,6 +33,17 @@ def test_parameter_names_in_ui_match_the_parameter_node():
     assert bound <= fields, bound - fields
 
 
+def test_the_input_selector_offers_scans_not_label_maps():
+    """A label map volume node is a scalar volume node's child class: without showChildNodeTypes=false the
+    input selector lists every segmentation exported as a label map beside the scans (the engine refuses one
+    read from a file, volume.LABEL_MAP_MAX_VALUES)."""
+    root = ET.parse(MODULE / "Resources" / "UI" / "ProGiDiffSlicer.ui").getroot()
+    selector = next(w for w in root.iter("widget") if w.get("name") == "inputVolumeSelector")
+    props = {p.get("name"): p for p in selector.findall("property")}
+    assert [s.text for s in props["nodeTypes"].iter("string")] == ["vtkMRMLScalarVolumeNode"]
+    assert props["showChildNodeTypes"].find("bool").text == "false"
+
+
 def test_cmakelists_lists_every_python_file_and_resource():
     cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "ProGiDiffSlicer")
     listed = set(re.findall(r"^\s+([\w./-]+\.(?:py|ui|png|json))\s*$", cmake, re.M))
