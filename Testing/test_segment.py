@@ -1,5 +1,6 @@
 """`progidiff segment` end to end with the shipped model on real CT."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -100,7 +101,7 @@ def test_existing_results_are_refused_unless_overwrite(ct_crop, tmp_path, shippe
     assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
-def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shipped_model):
+def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shipped_model, capfd):
     cases = tmp_path / "cases"
     cases.mkdir()
     img = sitk.ReadImage(str(ct_crop))
@@ -113,6 +114,11 @@ def test_folder_of_inputs_gives_one_subfolder_per_case(ct_crop, tmp_path, shippe
     rc = main(["segment", str(cases), "--prompt", "liver", "--proposals", "1", "--steps", "2",
                "--model", str(shipped_model), "-o", str(out)])
     assert rc == 2  # the bad case is reported; the others are complete
+    err = capfd.readouterr().err   # capfd: ITK writes on the file descriptor, not through sys.stderr
+    # the bad case's error on a line of its own (not written into its progress bar), then the tally by name
+    assert re.search(r"^progidiff: error: \S*c\.nii\.gz: the file is truncated", err, re.M)
+    assert err.rstrip().endswith("progidiff: 1 of 3 cases failed (c: see above); the others are complete.")
+    assert "No Series were found" not in err   # ITK's note on a folder of files that are not DICOM
     assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
     assert (out / "b" / "proposals.seg.nrrd").is_file()
 

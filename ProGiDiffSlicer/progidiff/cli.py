@@ -207,6 +207,7 @@ def _adapter_arg(value: str | None) -> str | None:
 
 def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .engine import Engine, SegmentOptions
     from .segment import segment_file
@@ -229,10 +230,12 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from .outputs import check_output_dir
     for _, o, _ in jobs:
         check_output_dir(o, a.overwrite)
-    with cancel_on_signals() as cancel:
+    # Log lines (the modality guessed, warnings) go through tqdm.write while a bar is drawn, so that they
+    # neither break the bar nor are written into it.
+    with cancel_on_signals() as cancel, logging_redirect_tqdm():
         engine = Engine(a.model, device=device, adapter=_adapter_arg(a.adapter))
         engine.resolve(a.prompt)
-        failed = 0
+        failed, failed_names = 0, []
         for path, o, name in jobs:
             bar = tqdm(total=1, desc=f"{name}: {a.prompt}", unit="eval", dynamic_ncols=True, leave=True)
 
@@ -248,9 +251,11 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
             except ProGiDiffError as exc:
                 if len(jobs) == 1 or isinstance(exc, Cancelled):
                     raise
-                # In a cohort one bad case must not stop the others: report it and go on.
+                # In a cohort one bad case must not stop the others: report it, on its own line, and go on.
+                bar.close()
                 print(f"progidiff: error: {exc}", file=sys.stderr)
                 failed = max(failed, exc.exit_code)
+                failed_names.append(name)
                 continue
             finally:
                 bar.close()
@@ -262,7 +267,8 @@ def _run_segment(a: argparse.Namespace, argv: Sequence[str]) -> int:
             for w in report["warnings"]:
                 log.warning(w["text"])
         if failed:
-            print("progidiff: some cases failed (see above); the others are complete.", file=sys.stderr)
+            print(f"progidiff: {len(failed_names)} of {len(jobs)} cases failed ({', '.join(failed_names)}: see above); "
+                  "the others are complete.", file=sys.stderr)
         return failed
 
 

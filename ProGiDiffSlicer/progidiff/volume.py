@@ -53,8 +53,14 @@ def is_image_file(path: Path) -> bool:
 
 
 def dicom_series(folder: str | os.PathLike) -> list[str]:
-    reader = sitk.ImageSeriesReader()
-    return list(reader.GetGDCMSeriesIDs(str(folder)) or [])
+    """The DICOM series IDs in ``folder``; none for a folder of other files, which is no fault: ITK's
+    "No Series were found" warning (printed on stderr with its source path) is kept quiet for it."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
