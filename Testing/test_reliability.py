@@ -1,7 +1,9 @@
 """Bad input and faults: one clear error each, nothing half-written (docs/reliability.md)."""
+import re
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +48,43 @@ def test_corrupt_dicom_file(tmp_path, ct_crop):
     victim.write_bytes(victim.read_bytes()[:400])
     with pytest.raises(InputError):
         read_scan(folder)
+
+
+def _shift_slice(folder: Path, index: int, dz: float) -> None:
+    """Move one slice of a written series along z by ``dz`` mm (its ImagePositionPatient tag)."""
+    f = sorted(folder.iterdir())[index]
+    sl = sitk.ReadImage(str(f))
+    x, y, z = (float(v) for v in sl.GetMetaData("0020|0032").split("\\"))
+    sl.SetMetaData("0020|0032", f"{x:.6f}\\{y:.6f}\\{z + dz:.6f}")
+    w = sitk.ImageFileWriter()
+    w.KeepOriginalImageUIDOn()
+    w.SetFileName(str(f))
+    w.Execute(sl)
+
+
+def test_dicom_slices_unevenly_spaced_or_stacked_are_said_in_one_line(tmp_path, ct_crop, caplog, capfd):
+    """ITK reads uneven slices as evenly spaced with a warning on stderr that names its C++ source; ProGiDiff says
+    by how much the masks may be off, and refuses a series whose slices share a position (acquisitions mixed)."""
+    import logging
+
+    crop = sitk.ReadImage(str(ct_crop))[:, :, :20]
+    uneven = write_dicom_series(crop, tmp_path / "uneven", "CT")
+    _shift_slice(uneven, 10, 0.3 * crop.GetSpacing()[2])   # one slice 30 % of a slice nearer the next
+    with caplog.at_level(logging.WARNING, logger="progidiff"):
+        scan = read_scan(uneven)
+    assert scan.image.GetSize()[2] == 20
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert re.search(r"the slices are 2\.\d\d to 3\.\d\d mm apart and are read \d\.\d\d mm apart: masks may lie up "
+                     r"to \d\.\d mm off along the body", msg), msg
+    assert "nonuniformity" not in capfd.readouterr().err
+    stacked = write_dicom_series(crop, tmp_path / "stacked", "CT")
+    _shift_slice(stacked, 10, -crop.GetSpacing()[2])   # slice 11 on slice 10
+    with pytest.raises(InputError, match="two slices of the DICOM series lie at the same position"):
+        read_scan(stacked)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="progidiff"):
+        read_scan(write_dicom_series(crop, tmp_path / "even", "CT"))
+    assert not caplog.records
 
 
 def test_volume_too_large_is_refused_with_the_limit(monkeypatch):

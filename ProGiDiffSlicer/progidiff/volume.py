@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,15 +53,23 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not name.startswith(".") and any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
-def dicom_series(folder: str | os.PathLike) -> list[str]:
-    """The DICOM series IDs in ``folder``; none for a folder of other files, which is no fault: ITK's
-    "No Series were found" warning (printed on stderr with its source path) is kept quiet for it."""
+@contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Keep ITK's warnings (printed on stderr with the C++ source path) off the terminal where ProGiDiff says
+    the same in one line of its own, or where it is no fault."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+        yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def dicom_series(folder: str | os.PathLike) -> list[str]:
+    """The DICOM series IDs in ``folder``; none for a folder of other files, which is no fault (ITK's
+    "No Series were found" is kept quiet)."""
+    with quiet_itk():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
 def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
@@ -83,14 +92,15 @@ def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
         reader.SetFileNames(files)
         reader.MetaDataDictionaryArrayUpdateOn()
         try:
-            image = reader.Execute()
+            with quiet_itk():   # its "missing slices" warning: _check_slice_gaps says it in one line
+                image = reader.Execute()
         except RuntimeError as exc:
             raise InputError(f"{p}: the DICOM series cannot be read ({_first_line(exc)}). Is a file truncated?") from exc
         try:
             modality = reader.GetMetaData(0, "0008|0060").strip().upper() or None
         except RuntimeError:
             modality = None
-        _check_slice_gaps(reader, len(files), p)
+        _check_slice_gaps(reader, len(files), p, image.GetSpacing()[2])
     else:
         _check_complete(p)
         try:
@@ -102,7 +112,7 @@ def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
     return Scan(validate_image(image, str(p)), str(p), modality)
 
 
-def _check_slice_gaps(reader: sitk.ImageSeriesReader, n: int, p: Path) -> None:
+def _check_slice_gaps(reader: sitk.ImageSeriesReader, n: int, p: Path, read_spacing: float) -> None:
     """Refuse a series with missing (e.g. corrupt, skipped) slices: ITK would only warn and
     stretch the volume, and masks would land in the wrong place."""
     if n < 3:
@@ -114,10 +124,21 @@ def _check_slice_gaps(reader: sitk.ImageSeriesReader, n: int, p: Path) -> None:
         return  # no position tags: nothing to check
     normal = np.cross(orient[:3], orient[3:6])
     d = np.diff(np.sort(pos @ normal))
-    if len(d) and d.min() > 0 and d.max() > 1.5 * np.median(d):
+    if not len(d):
+        return
+    if d.min() < 1e-3:
+        k = int(np.argmin(d))
+        raise InputError(f"{p}: two slices of the DICOM series lie at the same position (slices {k + 1} and {k + 2}); "
+                         "it mixes acquisitions (echoes, phases or a repeat): export one of them as its own series.")
+    if d.max() > 1.5 * np.median(d):
         k = int(np.argmax(d))
         raise InputError(f"{p}: slices are missing from the DICOM series (a gap of {d[k]:.1f} mm where slices are "
                          f"{np.median(d):.1f} mm apart, after slice {k + 1}); a file may be corrupt or absent.")
+    if d.max() - d.min() > 0.1 * np.median(d):
+        # ITK reads the slices as evenly spaced; its own warning is kept quiet (quiet_itk), so it is said here.
+        off = float(np.abs(np.cumsum(d) - read_spacing * np.arange(1, len(d) + 1)).max())
+        log.warning("%s: the slices are %.2f to %.2f mm apart and are read %.2f mm apart: masks may lie up to %.1f mm "
+                    "off along the body", p, d.min(), d.max(), read_spacing, off)
 
 
 def _check_complete(p: Path) -> None:
