@@ -460,12 +460,14 @@ def test_set_structure_density_paints_the_mask_with_the_scan_s_own_noise_and_not
         assert says in err and len(err.strip().splitlines()) == 1 and not bad.exists()
 
 
-def test_score_review_rule_adds_the_pairs_well_below_the_card_s_usual_agreement(tmp_path, capsys):
+def test_score_review_rule_adds_the_pairs_well_below_the_card_s_usual_agreement_and_the_weak_organs(tmp_path, capsys):
     sr = _load("score_review_rule")
     model = tmp_path / "model"
     model.mkdir()
     card = {"training": {"dataset": "../data/ct-abdomen"},
-            "metrics": {"ct-abdomen": {"organs": {"liver": {"agreement": 0.95}, "spleen": {"agreement": 0.92}}}}}
+            "metrics": {"ct-abdomen": {"organs": {"liver": {"agreement": 0.95}, "spleen": {"agreement": 0.92},
+                                                  "gallbladder": {"ranked_first_dice": 0.53},
+                                                  "stomach": {"ranked_first_dice": 0.72}}}}}
     (model / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
     case = lambda organ, agreement, dice: {"case": "c1", "organ": organ, "agreement": agreement,
                                            "ranked_first": {"dice": dice}}
@@ -473,7 +475,9 @@ def test_score_review_rule_adds_the_pairs_well_below_the_card_s_usual_agreement(
     report.write_text(json.dumps({"cases": [case("liver", 0.90, 0.80),    # 0.05 below: added, a target miss
                                             case("liver", 0.94, 0.84),    # within the margin: a silent miss
                                             case("spleen", 0.70, 0.40),   # under the floor: flagged by both
-                                            case("spleen", 0.91, 0.90)]}), encoding="utf-8")
+                                            case("spleen", 0.91, 0.90),
+                                            case("gallbladder", 0.85, 0.55),   # confident, poor: a rough draft
+                                            case("stomach", 0.88, 0.60)]}), encoding="utf-8")   # told nothing
     assert sr.main([str(model), f"scan={report}"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "| **target misses** | 3 | 1 | 2 |" in out   # the spleen at 0.40 is one too
@@ -481,4 +485,7 @@ def test_score_review_rule_adds_the_pairs_well_below_the_card_s_usual_agreement(
     assert "| scan | liver | 0.900 | 0.950 | 0.800 | yes | added |" in out
     assert "| scan | liver | 0.940 | 0.950 | 0.840 | yes |  |" in out
     assert not [ln for ln in out if ln.startswith("| scan | spleen")]
+    assert "Weak organs (held-out Dice under 0.70 in the card): gallbladder" in out
+    assert "| 0.50–0.70 | 2 | 0 | 1 |" in out
+    assert out[-2:] == ["Under Dice 0.70 and told neither: 1", "- scan stomach: Dice 0.600, agreement 0.880"]
     assert sr.main([str(model), f"scan={tmp_path / 'missing.json'}"]) == 2

@@ -7,7 +7,9 @@ Every per-case row of a `progidiff evaluate` report holds the proposals' agreeme
 Dice, so the rule needs no re-sampling: it is applied here with the engine's own ``needs_review``, the
 usual agreement per organ read from the model card as ``segment`` reads it. Prints, per margin, how many
 organ x scan pairs each rule flags in each Dice band, and which pairs it adds or leaves unflagged among
-the misses of the issue's targets (liver 0.85; spleen and kidneys 0.75).
+the misses of the issue's targets (liver 0.85; spleen and kidneys 0.75). Then, at the engine's margin, what
+the standing caveat on a weak organ (the card's held-out Dice under alerts.WEAK_ORGAN_DICE) adds, and which
+pairs under Dice 0.7 are still told nothing by either.
 
 example:
   python scripts/score_review_rule.py Resources/Models/progidiff-ct-abdomen \\
@@ -24,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ProGiDiffSlicer"))
 
 from progidiff import proposals  # noqa: E402
-from progidiff.engine import usual_agreement  # noqa: E402
+from progidiff.alerts import WEAK_ORGAN_DICE  # noqa: E402
+from progidiff.engine import held_out_dice, usual_agreement  # noqa: E402
 
 TARGETS = {"liver": 0.85, "spleen": 0.75, "kidney_left": 0.75, "kidney_right": 0.75}
 BANDS = [(0.0, 0.5), (0.5, 0.7), (0.7, 0.85), (0.85, 1.01)]
@@ -77,6 +80,24 @@ def table(rs: list[dict], usual: dict, margins: list[float]) -> list[str]:
     return lines
 
 
+def weak_organ_table(rs: list[dict], usual: dict, weak: dict[str, bool]) -> list[str]:
+    """Per Dice band: pairs told REVIEW CAREFULLY (the engine's rule), told either that or that the organ is
+    a rough draft (``weak``, per organ), and the pairs under 0.7 told neither."""
+    review = flags(rs, usual, proposals.BELOW_USUAL)
+    told = [f or weak.get(r["organ"], False) for r, f in zip(rs, review)]
+    lines = ["", f"Weak organs (held-out Dice under {WEAK_ORGAN_DICE:.2f} in the card): "
+             + (", ".join(sorted(o for o, w in weak.items() if w)) or "none"), "",
+             "| ranked-first Dice | pairs | REVIEW CAREFULLY | REVIEW CAREFULLY or a rough draft |", "|---|---|---|---|"]
+    for lo, hi in BANDS:
+        pick = [i for i, r in enumerate(rs) if lo <= r["dice"] < hi]
+        lines.append(f"| {lo:.2f}–{min(hi, 1.0):.2f} | {len(pick)} | {sum(review[i] for i in pick)} | "
+                     f"{sum(told[i] for i in pick)} |")
+    silent = [r for r, t in zip(rs, told) if not t and r["dice"] < 0.7]
+    lines += ["", f"Under Dice 0.70 and told neither: {len(silent)}"]
+    lines += [f"- {r['where']} {r['organ']}: Dice {r['dice']:.3f}, agreement {r['agreement']:.3f}" for r in silent]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="the model folder whose card holds the usual agreement per organ")
@@ -94,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     rs = rows(named)
     usual = {o: usual_agreement(card, o) for o in {r["organ"] for r in rs}}
     print("\n".join(table(rs, usual, a.margins)))
+    weak = {o: (d := held_out_dice(card, o)) is not None and d < WEAK_ORGAN_DICE for o in usual}
+    print("\n".join(weak_organ_table(rs, usual, weak)))
     return 0
 
 

@@ -145,6 +145,9 @@ class SegmentResult:
     #: The organ's agreement on the training dataset of the model (or its adapter), as its card records it
     #: (``usual_agreement``); None where the card holds none. Review is asked for well below it.
     usual_agreement: float | None = None
+    #: The organ's ranked-first Dice on the held-out part of that training dataset (``held_out_dice``); below
+    #: alerts.WEAK_ORGAN_DICE every result of the organ is called a rough draft.
+    held_out_dice: float | None = None
 
     @property
     def dark_liver(self) -> bool:
@@ -166,13 +169,14 @@ class SegmentResult:
                            agreement=self.ranking.agreement, unseen_ends=self.unseen_ends, window_cut=self.window_cut,
                            window_mm=self.window_mm, median_hu=self.median_hu, top_left_share=self.top_left_share,
                            usual_agreement=self.usual_agreement,
-                           empty_of=0 if self.masks.any() else len(self.masks))
+                           empty_of=0 if self.masks.any() else len(self.masks), held_out_dice=self.held_out_dice)
 
     @property
     def warnings(self) -> list[str]:
-        """segment's warnings in short: "nothing found" (every proposal empty), "review" (the proposals disagree), "unseen <end> end", "cut <side>"
-        (the model's window), "dark liver", "heart?"; empty where it says nothing. ``evaluate`` lists them
-        beside the Dice, so a cohort shows whether they fall on the poor segmentations."""
+        """segment's warnings in short: "nothing found" (every proposal empty), "review" (the proposals
+        disagree), "unseen <end> end", "cut <side>" (the model's window), "dark liver", "heart?", "weak organ"
+        (the card's held-out Dice); empty where it says nothing. ``evaluate`` lists them, the weak organ's
+        aside, beside the Dice, so a cohort shows whether they fall on the poor segmentations."""
         return [code for a in self.alerts for code in a.codes]
 
     @property
@@ -390,18 +394,28 @@ class Engine:
             window_cut=window_sides_cut(grid_masks[order[0]], ref, scan.image),
             median_hu=median_inside(scan.image, box, block[0]) if p["modality"] == "CT" else None,
             top_left_share=left_share_of_top(grid_masks[order[0]], ref) if p["res"].organ.name == "liver" else None,
-            usual_agreement=usual)
+            usual_agreement=usual, held_out_dice=held_out_dice(p["model"].card, p["res"].organ.name))
+
+
+def _training_metric(card: dict, organ: str, key: str) -> float | None:
+    """The organ's ``key`` in the card's metrics of the dataset the model, or the adapter applied to it
+    (``card["adapter"]``), was trained on, as ``evaluate --into-card`` recorded it; None where the card
+    records none (a model never evaluated so, or an older card)."""
+    c = card.get("adapter", card)
+    value = c.get("metrics", {}).get(training_metrics_name(c), {}).get("organs", {}).get(organ, {}).get(key)
+    return None if value is None else float(value)
 
 
 def usual_agreement(card: dict, organ: str) -> float | None:
-    """The organ's agreement (mean pairwise Dice of the proposals) on the dataset the model, or the adapter
-    applied to it (``card["adapter"]``), was trained on, as ``evaluate --into-card`` recorded it beside the
-    Dice of its held-out part; None where the card records none (a model never evaluated so, or an older
-    card). It is over each whole scan, as segment's own agreement is: for the shipped model, the training
-    scan, of which the held-out slab was scored."""
-    c = card.get("adapter", card)
-    value = c.get("metrics", {}).get(training_metrics_name(c), {}).get("organs", {}).get(organ, {}).get("agreement")
-    return None if value is None else float(value)
+    """The organ's agreement (mean pairwise Dice of the proposals) on the model's (or adapter's) training
+    dataset, recorded beside the Dice of its held-out part. It is over each whole scan, as segment's own
+    agreement is: for the shipped model, the training scan, of which the held-out slab was scored."""
+    return _training_metric(card, organ, "agreement")
+
+
+def held_out_dice(card: dict, organ: str) -> float | None:
+    """The organ's ranked-first Dice on the held-out part of the model's (or adapter's) training dataset."""
+    return _training_metric(card, organ, "ranked_first_dice")
 
 
 def median_inside(image: sitk.Image, box: tuple[slice, ...], mask: np.ndarray) -> float | None:

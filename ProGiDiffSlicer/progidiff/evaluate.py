@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
+from .alerts import WEAK_ORGAN
 from .card import format_mm, write_markdown
 from .data import z_ranges
 from .datasets import cases_in_split, read_dataset, read_label
@@ -206,7 +207,9 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         "seconds": res.seconds,
                         # wider than the model's own for a wide body (volume.body_window)
                         "window_mm": res.window_mm,
-                        "warnings": res.warnings,
+                        # the scan's warnings: the standing caveat on a weak organ (from the card being
+                        # filled) is the same on every case and would only blur whether they fall on failures
+                        "warnings": [w for w in res.warnings if w != WEAK_ORGAN],
                         # the model card's agreement for the organ, which segment's review compares with
                         "usual_agreement": res.usual_agreement,
                     }

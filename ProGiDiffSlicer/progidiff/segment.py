@@ -45,6 +45,7 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "agreement": round(result.ranking.agreement, 4),
         "review": bool(result.ranking.review),
         "usual_agreement": None if result.usual_agreement is None else round(result.usual_agreement, 4),
+        "held_out_dice": None if result.held_out_dice is None else round(result.held_out_dice, 4),
         "consensus_rule": result.consensus_rule,
         "unseen_organ_ends": list(result.unseen_ends),
         "model_window_mm": round(result.window_mm, 1),
