@@ -95,6 +95,17 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else 2.0 * float((a & b).sum()) / float(s)
 
 
+def quick_segment(scan: Path, prompt: str, out: Path, model: Path | None = None) -> dict:
+    """``progidiff segment`` with 2 proposals of 1 step on the CPU, as CT; its report.json."""
+    import json
+
+    from progidiff import cli
+
+    args = ["segment", str(scan), "--prompt", prompt, "-n", "2", "--steps", "1", "--device", "cpu", "--modality", "CT"]
+    assert cli.main(args + (["--model", str(model)] if model else []) + ["-o", str(out)]) == 0
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+
 def write_dicom_series(image: sitk.Image, folder: Path, modality: str = "CT") -> Path:
     """Write a 3D image as a DICOM series (int16 slices with position/orientation tags)."""
     import time

@@ -8,6 +8,7 @@ import logging
 import shutil
 
 import pytest
+from conftest import quick_segment
 
 from progidiff.alerts import review_warning
 from progidiff.proposals import BELOW_USUAL, REVIEW_AGREEMENT, needs_review
@@ -65,18 +66,13 @@ def test_evaluate_into_card_records_the_agreement_and_segment_reviews_below_it(t
     # segment reads it back: raised above what two proposals can reach, every liver is sent to review
     held["agreement"] = 1.0 + 2 * BELOW_USUAL
     (model / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
-    out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="progidiff"):
-        assert cli.main(["segment", str(ct_crop), "--prompt", "liver", "-n", "2", "--steps", "1", "--device", "cpu",
-                         "--model", str(model), "--modality", "CT", "-o", str(out)]) == 0
-    seg = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        seg = quick_segment(ct_crop, "liver", tmp_path / "out", model)
     assert seg["usual_agreement"] == round(held["agreement"], 4) and seg["review"] is True
     said = review_warning(seg["agreement"], held["agreement"])
     assert {"codes": ["review"], "text": said} in seg["warnings"]
     assert said in [r.getMessage() for r in caplog.records]
     # another organ is held to its own agreement
-    assert cli.main(["segment", str(ct_crop), "--prompt", "left kidney", "-n", "2", "--steps", "1", "--device", "cpu",
-                     "--model", str(model), "--modality", "CT", "-o", str(tmp_path / "kidney")]) == 0
-    kid = json.loads((tmp_path / "kidney" / "report.json").read_text(encoding="utf-8"))
+    kid = quick_segment(ct_crop, "left kidney", tmp_path / "kidney", model)
     assert kid["usual_agreement"] == round(card["metrics"][tiny_dataset.name]["organs"]["kidney_left"]["agreement"], 4)
     assert kid["review"] == needs_review(kid["agreement"], kid["usual_agreement"])

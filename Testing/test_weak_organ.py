@@ -8,6 +8,7 @@ import logging
 import shutil
 
 import pytest
+from conftest import quick_segment
 
 from progidiff.alerts import WEAK_ORGAN, WEAK_ORGAN_DICE, find_alerts, weak_organ_warning
 
@@ -64,11 +65,8 @@ def test_segment_says_it_and_evaluate_leaves_it_out_of_its_warnings(tmp_path, ti
     card = json.loads((model / "model_card.json").read_text(encoding="utf-8"))
     card.setdefault("metrics", {})[tiny_dataset.name] = {"organs": {"liver": {"ranked_first_dice": 0.31}}}
     (model / "model_card.json").write_text(json.dumps(card), encoding="utf-8")
-    out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="progidiff"):
-        assert cli.main(["segment", str(ct_crop), "--prompt", "liver", "-n", "2", "--steps", "1", "--device", "cpu",
-                         "--model", str(model), "--modality", "CT", "-o", str(out)]) == 0
-    seg = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        seg = quick_segment(ct_crop, "liver", tmp_path / "out", model)
     assert seg["held_out_dice"] == 0.31
     assert seg["warnings"][-1] == {"codes": [WEAK_ORGAN], "text": weak_organ_warning("liver", 0.31)}
     assert weak_organ_warning("liver", 0.31) in [r.getMessage() for r in caplog.records]
