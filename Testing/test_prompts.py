@@ -29,6 +29,29 @@ def test_unknown_organs_are_refused_with_suggestions(resolver, prompt):
     assert any(o.display in msg for o in resolver.vocabulary.organs)
 
 
+@pytest.mark.parametrize("prompt,organs", [
+    ("both kidneys", ["right kidney", "left kidney"]),        # went to the right kidney, without a word
+    ("bilateral kidneys", ["right kidney", "left kidney"]),
+    ("liver with gallbladder", ["liver", "gallbladder"]),     # went to the gallbladder
+    ("liver and spleen", ["liver", "spleen"]),                # went to the spleen
+    ("left kidney and spleen", ["left kidney", "spleen"]),
+    ("aorta, IVC", ["aorta", "inferior vena cava"]),
+    ("liver and kidneys", ["liver", "right kidney", "left kidney"]),
+])
+def test_a_prompt_naming_several_organs_is_refused_with_one_run_each(resolver, prompt, organs):
+    with pytest.raises(PromptError) as e:
+        resolver.resolve(prompt)
+    msg = str(e.value)
+    assert f"names {len(organs)} organs" in msg and "\n" not in msg
+    assert "segments one organ per run: --prompt '" in msg and all(f"--prompt '{o}'" in msg for o in organs)
+
+
+@pytest.mark.parametrize("prompt,organ", [("liver and liver", "liver"), ("pancreas head", "pancreas"),
+                                          ("right renal", "kidney_right")])
+def test_one_organ_named_once_or_in_part_still_resolves(resolver, prompt, organ):
+    assert resolver.resolve(prompt).organ.name == organ
+
+
 def test_ambiguous_kidney_asks_for_a_side(resolver):
     with pytest.raises(PromptError, match="ambiguous"):
         resolver.resolve("kidney")

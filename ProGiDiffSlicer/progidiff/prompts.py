@@ -31,6 +31,11 @@ SIMILARITY_THRESHOLD = 0.72
 
 #: Two different organs within this margin make a prompt ambiguous ("kidney": left 0.86 vs right 0.82).
 AMBIGUITY_MARGIN = 0.06
+
+#: A prompt is split here to find whether it names several organs ("liver and spleen", "aorta, IVC",
+#: "liver with gallbladder"); and with these words it asks for a pair ("both kidneys", "bilateral kidneys").
+SEVERAL_SPLIT = r"\s*(?:,|;|&|\+|/|\band\b|\bwith\b|\bplus\b)\s*"
+PAIR_WORDS = r"\b(?:both|bilateral|each)\b"
 MAX_PROMPT_CHARS = 200
 
 
@@ -218,9 +223,46 @@ class PromptResolver:
             raise PromptError(f"The prompt is {len(prompt)} characters long: name one organ in a few words "
                               f"(at most {MAX_PROMPT_CHARS} characters), e.g. --prompt 'left kidney'.")
         key = _normalise(prompt)
+        exact = self._exact(key)
+        if exact is not None:
+            return Resolution(exact, 1.0, prompt)
+        self._refuse_several(prompt, key)
+        res = self._resolve_one(prompt, key)
+        log.info("prompt %r resolved to %s (similarity %.3f)", prompt, res.organ.name, res.similarity)
+        return res
+
+    def _exact(self, key: str) -> Organ | None:
         for organ in self.vocabulary.organs:
             if key in {_normalise(p) for p in organ.phrases}:
-                return Resolution(organ, 1.0, prompt)
+                return organ
+        return None
+
+    def _refuse_several(self, prompt: str, key: str) -> None:
+        """Refuse a prompt that names two organs. The sentence encoder maps it to whichever is nearer: "both
+        kidneys" went to the right kidney, "liver with gallbladder" to the gallbladder, without a word."""
+        named: list[Organ] = []
+        parts = [t.strip() for t in re.split(SEVERAL_SPLIT, key) if t.strip()]
+        for part in parts if len(parts) > 1 else []:
+            try:
+                found = [self._resolve_one(part, part).organ]
+            except PromptError:   # not an organ, or two ("kidneys" in "liver and kidneys": both are named)
+                ranked = self.scores(part)
+                found = [o for o, s in ranked[:2] if ranked[0][1] >= self.threshold and s > ranked[0][1] - AMBIGUITY_MARGIN]
+            named += [o for o in found if o not in named]
+        if len(named) < 2 and re.search(PAIR_WORDS, key):
+            ranked = self.scores(re.sub(PAIR_WORDS, " ", key))
+            named = [o for o, s in ranked[:2] if s >= self.threshold - AMBIGUITY_MARGIN]
+        if len(named) >= 2:
+            shown = [o.display.lower() for o in named]
+            names = ", ".join(shown[:-1]) + " and " + shown[-1]
+            raise PromptError(f"'{prompt}' names {len(named)} organs ({names}); ProGiDiff segments one organ per run: "
+                              + ", then ".join(f"--prompt '{o.display.lower()}'" for o in named) + ".")
+
+    def _resolve_one(self, prompt: str, key: str) -> Resolution:
+        """One organ for a prompt that names at most one: the phrase, a typo of it, or the nearest meaning."""
+        exact = self._exact(key)
+        if exact is not None:
+            return Resolution(exact, 1.0, prompt)
         # Typos ("spleeen", "gallblader") are a string problem, not a meaning one: difflib
         # catches them where the sentence encoder, trained on real words, does not.
         phrase_to_organ = {_normalise(p): o for o in self.vocabulary.organs for p in o.phrases}
@@ -237,5 +279,4 @@ class PromptResolver:
             closest = ", ".join(f"{o.display} ({s:.2f})" for o, s in ranked[:3])
             raise PromptError(f"'{prompt}' is not an organ this model knows (closest: {closest}). "
                               "Use one of those names or a synonym.")
-        log.info("prompt %r resolved to %s (similarity %.3f)", prompt, organ.name, sim)
         return Resolution(organ, sim, prompt)
