@@ -37,6 +37,32 @@ def test_refine_cli(tiny_model, ct_crop, tmp_path):
     np.testing.assert_array_equal(p1, arr)  # keep = everywhere: exactly the edited mask
 
 
+def test_refine_refuses_a_label_map_or_a_mask_off_the_scan_in_one_line(tiny_model, ct_crop, tmp_path, capsys):
+    """Several segments exported as one label map were taken, as their union, for the organ; a mask of another
+    scan was called an empty keep mask."""
+    img = sitk.ReadImage(str(ct_crop))
+    arr = np.zeros(sitk.GetArrayViewFromImage(img).shape, np.uint8)
+    arr[10:30, 30:70, 20:60] = 1
+    labels = arr.copy()
+    labels[10:30, 30:50, 20:40] = 5     # a second segment
+    elsewhere = sitk.GetImageFromArray(arr)
+    elsewhere.CopyInformation(img)
+    elsewhere.SetOrigin(tuple(o + 1000.0 for o in img.GetOrigin()))
+    for name, a in (("edited", arr), ("labels", labels)):
+        m = sitk.GetImageFromArray(a)
+        m.CopyInformation(img)
+        sitk.WriteImage(m, str(tmp_path / f"{name}.nii.gz"))
+    sitk.WriteImage(elsewhere, str(tmp_path / "elsewhere.nii.gz"))
+    run = lambda mask, keep: main(["refine", str(ct_crop), "--prompt", "liver", "--mask", str(tmp_path / mask), "--keep",
+                                   str(tmp_path / keep), "-n", "2", "--steps", "1", "--model", str(tiny_model),
+                                   "-o", str(tmp_path / "out")])
+    assert run("labels.nii.gz", "edited.nii.gz") == 2
+    assert "labels.nii.gz: holds 2 labels (1, 5), not one mask; give a 0/1 mask" in capsys.readouterr().err
+    assert run("edited.nii.gz", "elsewhere.nii.gz") == 2
+    assert "elsewhere.nii.gz: lies wholly outside the scan; was it drawn on another scan?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_with_simulated_edits(tiny_model, tiny_dataset, tmp_path):
     """The evaluate report has every column, and the simulated edit never changes kept voxels."""
     import json
