@@ -159,7 +159,9 @@ class ProGiDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            # the first scan, not a label map (a child class of scalar volumes, which the selector hides)
+            first = next((n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                          if not n.IsA("vtkMRMLLabelMapVolumeNode")), None)
             if first:
                 self._parameterNode.inputVolume = first
 
