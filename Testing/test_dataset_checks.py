@@ -268,3 +268,30 @@ def test_in_a_cohort_a_case_off_its_grid_is_listed_and_the_others_scored(tmp_pat
     md = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
     assert "not scored: 1 case(s) that could not be read or whose label is off its scan's grid" in md
     assert "- `shifted`: " in md and "its origin" in md
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--lr", "-1"], "--lr must be above 0; got -1."),                      # was a ValueError traceback
+    (["--stage2-steps", "-5"], "count steps, 0 or more"),                  # was trained and saved
+    (["--stage2-steps", "0"], "never learned to read the scan"),           # was saved untrained
+    (["--holdout-fraction", "1.5"], "0 to under 1; got 1.5"),              # was 'no training slice holds ...'
+    (["--base-model", "no/such/folder"], "--base-model no/such/folder: no such folder"),   # was a hub message
+    (["--baseline", "unet", "--stage1-steps", "0", "--stage2-steps", "0"], "both are 0"),
+    (["--organs", "brain"], "Unknown organ(s) brain"),
+])
+def test_train_settings_that_cannot_train_are_refused_before_any_work(tmp_path, tiny_dataset, capsys, args, says):
+    from progidiff.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", str(tiny_dataset), "-o", str(out)] + args) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and not list(out.glob("*"))
+
+
+def test_organs_are_named_as_the_vocabulary_names_them_each_once(tiny_dataset):
+    from progidiff.prompts import Vocabulary
+    from progidiff.train import TrainConfig, check_config
+
+    cfg = TrainConfig(str(tiny_dataset), "", organs=("left kidney", "hepatic", "liver", "Kidney_Left"))
+    check_config(cfg, Vocabulary.load())
+    assert cfg.organs == ("kidney_left", "liver")

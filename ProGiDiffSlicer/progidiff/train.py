@@ -168,6 +168,45 @@ class _SummedLoss(torch.nn.Module):
         return sum(loss(input, target) for loss in self.losses)
 
 
+def check_config(cfg: TrainConfig, vocab: Vocabulary) -> None:
+    """Refuse, in one line and before any work, settings that cannot train a model; name ``--organs`` as the
+    vocabulary does ("left kidney" -> kidney_left), each once."""
+    if cfg.organs is not None:
+        found = [vocab.organ_for_label_name(o) for o in cfg.organs]
+        unknown = [o for o, f in zip(cfg.organs, found) if f is None]
+        if unknown:
+            raise InputError(f"Unknown organ(s) {', '.join(unknown)}; the vocabulary has {', '.join(vocab.names())}.")
+        cfg.organs = tuple(dict.fromkeys(f.name for f in found))
+    if cfg.init_from and cfg.baseline:
+        raise InputError("--init-from fine-tunes a ProGiDiff model; the --baseline UNet always trains from scratch.")
+    if cfg.init_from and cfg.base_model:
+        raise InputError("Give --init-from or --base-model, not both: --init-from already has its backbone.")
+    if cfg.base_model and not Path(cfg.base_model).is_dir():
+        raise InputError(f"--base-model {cfg.base_model}: no such folder (a local Stable Diffusion folder: unet/, "
+                         "text_encoder/, tokenizer/, ...).")
+    if cfg.stage1_steps < 0 or cfg.stage2_steps < 0:
+        raise InputError(f"--stage1-steps and --stage2-steps count steps, 0 or more; got {cfg.stage1_steps} and "
+                         f"{cfg.stage2_steps}.")
+    if cfg.baseline and cfg.stage1_steps + cfg.stage2_steps == 0:
+        raise InputError("The --baseline UNet trains for --stage1-steps + --stage2-steps steps; both are 0.")
+    if not cfg.baseline and not cfg.init_from and cfg.stage2_steps == 0:
+        # stage 2 trains the branch that reads the image: without it the model would ignore the scan. With
+        # --init-from, 0 steps copies the model (on the dataset's organs), which is allowed.
+        raise InputError("--stage2-steps 0 would save a model that never learned to read the scan; give 1 or more "
+                         "(0 only with --init-from).")
+    if not cfg.lr > 0:
+        raise InputError(f"--lr must be above 0; got {cfg.lr:g}.")
+    if not 0.0 <= cfg.holdout_fraction < 1.0:
+        raise InputError(f"--holdout-fraction is the share of each case's organ extent kept out of training, 0 to "
+                         f"under 1; got {cfg.holdout_fraction:g}.")
+    for flag, share in (("--contrast-phase", cfg.contrast_phase), ("--fatty-liver", cfg.fatty_liver)):
+        if not 0.0 <= share <= 1.0:
+            raise InputError(f"{flag} is a share of the slices, 0 to 1; got {share:g}.")
+    lo, hi = cfg.body_scale
+    if not 0.2 <= lo <= hi <= 5.0:
+        raise InputError(f"--body-scale MIN MAX needs 0.2 <= MIN <= MAX <= 5 (times as large), got {lo:g} {hi:g}.")
+
+
 def make_accelerator(cfg: TrainConfig):
     """The run's ``accelerate.Accelerator``. Our learning-rate schedules count each process's own
     steps, so the scheduler steps once per optimizer step: accelerate's default steps it once per
@@ -197,21 +236,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     vocab = Vocabulary.load()
-    if cfg.organs is not None:
-        unknown = [o for o in cfg.organs if o not in vocab.names()]
-        if unknown:
-            raise InputError(f"Unknown organ(s) {', '.join(unknown)}; the vocabulary has {', '.join(vocab.names())}.")
+    check_config(cfg, vocab)
     init_card = None
-    if cfg.init_from and cfg.baseline:
-        raise InputError("--init-from fine-tunes a ProGiDiff model; the --baseline UNet always trains from scratch.")
-    if cfg.init_from and cfg.base_model:
-        raise InputError("Give --init-from or --base-model, not both: --init-from already has its backbone.")
-    for flag, share in (("--contrast-phase", cfg.contrast_phase), ("--fatty-liver", cfg.fatty_liver)):
-        if not 0.0 <= share <= 1.0:
-            raise InputError(f"{flag} is a share of the slices, 0 to 1; got {share:g}.")
-    lo, hi = cfg.body_scale
-    if not 0.2 <= lo <= hi <= 5.0:
-        raise InputError(f"--body-scale MIN MAX needs 0.2 <= MIN <= MAX <= 5 (times as large), got {lo:g} {hi:g}.")
     info = read_dataset(cfg.dataset)
     cfg.organs = organs_to_train(cfg, info.labels, vocab)
     log_lesions_counted(info.labels, vocab)
