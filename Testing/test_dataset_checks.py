@@ -271,7 +271,6 @@ def test_in_a_cohort_a_case_off_its_grid_is_listed_and_the_others_scored(tmp_pat
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--lr", "-1"], "--lr must be above 0; got -1."),                      # was a ValueError traceback
     (["--stage2-steps", "-5"], "count steps, 0 or more"),                  # was trained and saved
     (["--stage2-steps", "0"], "never learned to read the scan"),           # was saved untrained
     (["--holdout-fraction", "1.5"], "0 to under 1; got 1.5"),              # was 'no training slice holds ...'
@@ -286,6 +285,20 @@ def test_train_settings_that_cannot_train_are_refused_before_any_work(tmp_path, 
     assert main(["train", str(tiny_dataset), "-o", str(out)] + args) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and not list(out.glob("*"))
+
+
+@pytest.mark.parametrize("command", ["train", "adapt"])
+def test_a_learning_rate_not_above_0_is_a_usage_error_not_a_traceback(tmp_path, tiny_dataset, capsys, command):
+    from progidiff.cli import main
+    from progidiff.prompts import Vocabulary
+    from progidiff.train import TrainConfig, check_config
+
+    extra = ["--from", str(tmp_path)] if command == "adapt" else []
+    with pytest.raises(SystemExit) as e:
+        main([command, str(tiny_dataset), "-o", str(tmp_path / "out"), "--lr", "-1"] + extra)
+    assert e.value.code == 2 and "argument --lr: must be above 0, got -1" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--lr must be above 0; got 0"):   # the API, without the command line
+        check_config(TrainConfig(str(tiny_dataset), "", lr=0.0), Vocabulary.load())
 
 
 def test_organs_are_named_as_the_vocabulary_names_them_each_once(tiny_dataset):

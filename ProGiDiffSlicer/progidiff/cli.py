@@ -49,6 +49,17 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    """A learning rate or a scale of one: above 0 (torch's optimizers raise a ValueError on a negative one)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return v
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .configs import DEFAULT_ORGANS, TrainConfig
 
@@ -67,7 +78,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage1-steps", type=int, default=d.stage1_steps)
     p.add_argument("--stage2-steps", type=int, default=d.stage2_steps)
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=_positive_float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--holdout-fraction", type=float, default=0.0,
                    help="hold out a central slab of this fraction of the organs' extent (for evaluate)")
@@ -82,7 +93,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modality", choices=["CT", "MR"], help="the dataset's modality (default: from dataset.json)")
     p.add_argument("--finetune-base", action="store_true",
                    help="stage 2 also trains the base UNet (ProGiDiff freezes it; faster convergence on small budgets)")
-    p.add_argument("--base-lr-scale", type=float, default=d.base_lr_scale, help="base UNet lr = lr x this (with --finetune-base)")
+    p.add_argument("--base-lr-scale", type=_positive_float, default=d.base_lr_scale, help="base UNet lr = lr x this (with --finetune-base)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                    help="default: accelerate's (`accelerate launch --mixed_precision bf16`, `accelerate config`), "
                         "else no; bf16 on a GPU")
@@ -371,7 +382,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=_positive_int, default=d.rank, help="LoRA rank (default 8)")
     p.add_argument("--steps", type=_positive_int, default=d.steps)
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=_positive_float, default=d.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--include-base", action="store_true", help="also adapt the base UNet's attention")
     p.add_argument("--no-bias-field", action="store_true", help="switch off bias-field augmentation")
