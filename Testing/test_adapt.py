@@ -2,6 +2,7 @@
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from progidiff.engine import Engine, SegmentOptions
 from progidiff.errors import ModelError
 from progidiff.model import ProGiDiffModel
 from progidiff.volume import guess_modality, read_scan
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_adapter_is_small_and_records_its_base(tiny_adapter, tiny_model):
@@ -143,3 +146,19 @@ def test_adapt_writes_its_files_through_a_staging_folder(tmp_path, tiny_model, t
         adapt(cfg, progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "mr").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_folder_given_in_the_wrong_place_is_named_for_what_it_is(tmp_path, capsys):
+    """An adapter as --model, the model as --adapter, the baseline as --model: each was called incomplete
+    ('lacks model_card.json; copy the whole folder again')."""
+    from progidiff.cli import main
+
+    models = REPO / "Resources" / "Models"
+    scan = REPO / "Resources" / "SampleData" / "sample-ct-abdomen.nii.gz"
+    for flag, folder, says in (("--model", "progidiff-ct-abdomen-mr-lora", "is a LoRA adapter, not a model; give it as --adapter"),
+                               ("--model", "progidiff-ct-abdomen-baseline-unet", "is the deterministic baseline UNet"),
+                               ("--adapter", "progidiff-ct-abdomen", "is a ProGiDiff model, not an adapter; give it as --model")):
+        assert main(["segment", str(scan), "--prompt", "liver", flag, str(models / folder), "-o", str(tmp_path / "out")]) == 4
+        err = capsys.readouterr().err
+        assert f"{models / folder}: {says}" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

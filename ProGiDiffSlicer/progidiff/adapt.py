@@ -20,7 +20,7 @@ from .data import SliceDataset, prepare_case
 from .datasets import read_dataset
 from .errors import InputError, ModelError
 from .label_names import dataset_organs
-from .model import WEIGHTS_NAME, ProGiDiffModel, sha256
+from .model import WEIGHTS_NAME, ProGiDiffModel, misplaced_folder, sha256
 from .outputs import check_output_dir, staging, write_errors_as_os_errors
 from .prompts import Vocabulary
 from .train import _collate_text, mask_dice_loss, phrase_table
@@ -83,6 +83,9 @@ def apply_adapter(model: ProGiDiffModel, adapter_dir: str | Path) -> ProGiDiffMo
 def read_adapter_card(d: Path) -> dict:
     if not d.is_dir():
         raise ModelError(f"{d}: no such adapter folder.")
+    wrong = misplaced_folder(d, ADAPTER_CARD)
+    if wrong:
+        raise ModelError(wrong)
     for name in (ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (d / name).is_file():
             raise ModelError(f"{d}: the adapter folder lacks {name}; copy the whole folder again.")

@@ -289,13 +289,33 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+#: What each folder ProGiDiff writes is, by its card: so that one given in the wrong place (an adapter as
+#: --model, the model as --adapter) is named for what it is, not called incomplete.
+FOLDER_CARDS = {CARD_NAME: ("a ProGiDiff model, not an adapter", "give it as --model"),
+                "adapter_card.json": ("a LoRA adapter, not a model", "give it as --adapter, with its base as --model"),
+                "baseline_card.json": ("the deterministic baseline UNet, not a diffusion model",
+                                       "evaluate takes it as --baseline")}
+
+
+def misplaced_folder(d: Path, want: str) -> str | None:
+    """'<d>: is a LoRA adapter, not a model; give it as --adapter, ...' where ``d`` holds another card than
+    ``want`` (the card file the caller needs); None where it holds none of them, or ``want``."""
+    if (d / want).is_file():
+        return None
+    for name, (what, how) in FOLDER_CARDS.items():
+        if name != want and (d / name).is_file():
+            return f"{d}: is {what}; {how}."
+    return None
+
+
 def read_card(model_dir: str | os.PathLike) -> dict:
     d = Path(model_dir)
     if not d.is_dir():
         raise ModelError(f"{d}: no such model folder. Give --model a folder made by `progidiff train`.")
     path = d / CARD_NAME
     if not path.is_file():
-        raise ModelError(f"{d}: the model folder lacks {CARD_NAME}; copy the whole folder again.")
+        raise ModelError(misplaced_folder(d, CARD_NAME)
+                         or f"{d}: the model folder lacks {CARD_NAME}; copy the whole folder again.")
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
