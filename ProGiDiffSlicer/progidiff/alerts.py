@@ -12,7 +12,7 @@ from .proposals import BELOW_USUAL, REVIEW_AGREEMENT
 @dataclass(frozen=True)
 class Alert:
     #: in short, one per thing found: "nothing found", "review", "unseen superior end", "cut left", "dark liver",
-    #: "heart?", "weak organ"
+    #: "wrong side?", "heart?", "weak organ"
     codes: tuple[str, ...]
     phrase: str   # for the overview's title: "NOTHING FOUND", "REVIEW CAREFULLY", "top left of the midline: the heart?"
     text: str     # the whole sentence, with what to check
@@ -122,6 +122,35 @@ def heart_warning(share: float) -> str:
             "it. Check the top slices and erase what lies above the diaphragm.")
 
 
+#: The side of the body's midline each of these organs lies on (but in situs inversus, 1 in 10,000). A proposal
+#: whose centre lies more than WRONG_SIDE_MM on the other side says the scan's left and right are swapped: a
+#: header written wrong in a conversion, far commoner than the anatomy. The kidneys are not here: the model
+#: places a "left kidney" on the scan's left whatever its header says, so their side tells nothing.
+#: Measured (engine.midline_offset_mm, + = the patient's left, ranked-first of 4): the sample CT liver -68,
+#: gallbladder -70, spleen +111 mm; the other person's PET/CT -71, -3, +97; the sample CT mirrored in its
+#: header +45, +111, -88.
+EXPECTED_SIDE = {"liver": "right", "gallbladder": "right", "spleen": "left"}
+WRONG_SIDE_MM = 20.0
+
+
+def is_wrong_side(organ: str, offset_mm: float | None) -> bool:
+    """A liver, gallbladder or spleen proposal centred more than WRONG_SIDE_MM on the wrong side of the midline."""
+    side = EXPECTED_SIDE.get(organ)
+    if side is None or offset_mm is None:
+        return False
+    return offset_mm > WRONG_SIDE_MM if side == "right" else offset_mm < -WRONG_SIDE_MM
+
+
+def wrong_side_warning(organ: str, offset_mm: float) -> str:
+    """What segment says when ``is_wrong_side``: a header that swaps left and right, or a wrong proposal."""
+    side = "left" if offset_mm > 0 else "right"
+    return (f"The {organ} proposal lies on the patient's {side}, {abs(offset_mm):.0f} mm from the body's midline, where "
+            f"a {organ} lies only in situs inversus: either the scan's left and right are swapped in its header (a "
+            f"conversion error) or the proposal is not the {organ}. Check the orientation against a landmark (the "
+            "scanner's L/R marker, the heart's apex); while it is in doubt, do not trust 'left' or 'right' prompts on "
+            "this scan.")
+
+
 def is_dark_liver(organ: str, median_hu: float | None) -> bool:
     """A CT liver proposal darker than a healthy liver (DARK_LIVER_HU): a fatty liver, which the model finds
     less well. None (MR, or an empty proposal) is never dark."""
@@ -137,11 +166,13 @@ def is_heart_suspect(organ: str, top_left_share: float | None) -> bool:
 def find_alerts(organ: str, display: str, *, review: bool, agreement: float, unseen_ends: list[str],
                 window_cut: list[str], window_mm: float, median_hu: float | None,
                 top_left_share: float | None, usual_agreement: float | None = None,
-                empty_of: int = 0, held_out_dice: float | None = None) -> list[Alert]:
+                empty_of: int = 0, held_out_dice: float | None = None,
+                midline_offset_mm: float | None = None) -> list[Alert]:
     """Every warning segment gives for one result, in the order it gives them; empty where it says nothing.
     ``organ`` is the vocabulary's name ("liver"), ``display`` the name shown ("Liver"); ``empty_of``: the
     number of proposals when every one of them is empty, else 0; ``held_out_dice``: the organ's Dice on the
-    held-out part of the model's training data, from its card (None: not recorded)."""
+    held-out part of the model's training data, from its card (None: not recorded); ``midline_offset_mm``:
+    where the ranked-first proposal's centre lies from the body's midline (+ = the patient's left)."""
     name = display.lower()
     out = []
     if empty_of:
@@ -159,6 +190,10 @@ def find_alerts(organ: str, display: str, *, review: bool, agreement: float, uns
                          f"edge{'s' * (len(window_cut) > 1)}", window_cut_warning(name, window_cut, window_mm)))
     if is_dark_liver(organ, median_hu):
         out.append(Alert(("dark liver",), f"reads {median_hu:.0f} HU: a fatty liver?", dark_liver_warning(median_hu)))
+    if is_wrong_side(organ, midline_offset_mm):
+        side = "left" if midline_offset_mm > 0 else "right"
+        out.append(Alert(("wrong side?",), f"on the patient's {side}: left and right swapped?",
+                         wrong_side_warning(name, midline_offset_mm)))
     if is_heart_suspect(organ, top_left_share):
         out.append(Alert(("heart?",), "top left of the midline: the heart?", heart_warning(top_left_share)))
     if is_weak_organ(held_out_dice) and not empty_of:

@@ -145,6 +145,10 @@ class SegmentResult:
     #: The organ's agreement on the training dataset of the model (or its adapter), as its card records it
     #: (``usual_agreement``); None where the card holds none. Review is asked for well below it.
     usual_agreement: float | None = None
+    #: Where the ranked-first proposal's centre lies from the body's midline, in mm, + = the patient's left
+    #: (``midline_offset_mm``); None for an empty proposal. A liver, gallbladder or spleen on the wrong side
+    #: is flagged (alerts.is_wrong_side).
+    midline_offset_mm: float | None = None
     #: The organ's ranked-first Dice on the held-out part of that training dataset (``held_out_dice``); below
     #: alerts.WEAK_ORGAN_DICE every result of the organ is called a rough draft.
     held_out_dice: float | None = None
@@ -169,12 +173,14 @@ class SegmentResult:
                            agreement=self.ranking.agreement, unseen_ends=self.unseen_ends, window_cut=self.window_cut,
                            window_mm=self.window_mm, median_hu=self.median_hu, top_left_share=self.top_left_share,
                            usual_agreement=self.usual_agreement,
-                           empty_of=0 if self.masks.any() else len(self.masks), held_out_dice=self.held_out_dice)
+                           empty_of=0 if self.masks.any() else len(self.masks), held_out_dice=self.held_out_dice,
+                           midline_offset_mm=self.midline_offset_mm)
 
     @property
     def warnings(self) -> list[str]:
         """segment's warnings in short: "nothing found" (every proposal empty), "review" (the proposals
-        disagree), "unseen <end> end", "cut <side>" (the model's window), "dark liver", "heart?", "weak organ"
+        disagree), "unseen <end> end", "cut <side>" (the model's window), "dark liver", "wrong side?", "heart?",
+        "weak organ"
         (the card's held-out Dice); empty where it says nothing. ``evaluate`` lists them, the weak organ's
         aside, beside the Dice, so a cohort shows whether they fall on the poor segmentations."""
         return [code for a in self.alerts for code in a.codes]
@@ -394,7 +400,8 @@ class Engine:
             window_cut=window_sides_cut(grid_masks[order[0]], ref, scan.image),
             median_hu=median_inside(scan.image, box, block[0]) if p["modality"] == "CT" else None,
             top_left_share=left_share_of_top(grid_masks[order[0]], ref) if p["res"].organ.name == "liver" else None,
-            usual_agreement=usual, held_out_dice=held_out_dice(p["model"].card, p["res"].organ.name))
+            usual_agreement=usual, held_out_dice=held_out_dice(p["model"].card, p["res"].organ.name),
+            midline_offset_mm=midline_offset_mm(grid_masks[order[0]], ref))
 
 
 def _training_metric(card: dict, organ: str, key: str) -> float | None:
@@ -439,6 +446,17 @@ def left_share_of_top(mask: np.ndarray, ref: sitk.Image, top_mm: float = LIVER_T
     top = mask[max(rows[-1] - n + 1, 0):rows[-1] + 1]
     width = top.shape[-1]                                   # even (a multiple of 8): no column on the midline
     return float(top[..., width // 2:].sum() / top.sum())
+
+
+def midline_offset_mm(mask: np.ndarray, ref: sitk.Image) -> float | None:
+    """How far the centre of ``mask`` (Z, H, W on the model grid ``ref``) lies from the body's midline, in mm,
+    + to the patient's left: from ``ref``'s centre column, as ``left_share_of_top`` reads it. None for an
+    empty mask."""
+    if not mask.any():
+        return None
+    cols = mask.sum(axis=(0, 1))
+    x = float((np.arange(len(cols)) * cols).sum() / cols.sum())
+    return (x - (len(cols) - 1) / 2) * ref.GetSpacing()[0]
 
 
 #: The model grid's in-plane axes are world x and y (LPS): x grows to the patient's left, y to the back.
