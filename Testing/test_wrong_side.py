@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import quick_segment
 
-from progidiff.alerts import WRONG_SIDE_MM, find_alerts, is_wrong_side, wrong_side_warning
+from progidiff.alerts import WRONG_SIDE_MM, find_alerts, is_wrong_side, swapped_kidney_warning, wrong_side_warning
 from progidiff.engine import midline_offset_mm
 
 CALM = dict(review=False, agreement=0.9, unseen_ends=[], window_cut=[], window_mm=384.0, median_hu=55.0,
@@ -35,6 +35,17 @@ def test_the_alert_says_which_side_and_both_causes():
     assert spleen.phrase == "on the patient's right: left and right swapped?"
 
 
+def test_a_kidney_is_flagged_by_the_liver_s_side_not_its_own():
+    (alert,) = find_alerts("kidney_left", "Left kidney", **dict(CALM, median_hu=None, top_left_share=None,
+                                                                 midline_offset_mm=78.0, liver_offset_mm=42.0))
+    assert alert.codes == ("sides swapped?",) and alert.text == swapped_kidney_warning("kidney_left", 42.0)
+    assert "then this left kidney proposal is the patient's right kidney" in alert.text
+    assert find_alerts("kidney_right", "Right kidney", **dict(CALM, median_hu=None, top_left_share=None,
+                                                              liver_offset_mm=-67.0)) == []
+    # the liver's side is read for the kidneys only
+    assert find_alerts("spleen", "Spleen", **dict(CALM, median_hu=None, midline_offset_mm=110.0, liver_offset_mm=42.0)) == []
+
+
 def test_the_offset_is_read_from_the_grid_s_centre_column():
     ref = sitk.Image(64, 64, 4, sitk.sitkUInt8)
     ref.SetSpacing((6.0, 6.0, 5.0))
@@ -45,7 +56,7 @@ def test_the_offset_is_read_from_the_grid_s_centre_column():
 
 
 @pytest.mark.slow
-def test_segment_flags_the_spleen_of_a_scan_whose_header_swaps_left_and_right(tmp_path, ct_crop):
+def test_segment_flags_the_spleen_and_kidney_of_a_scan_whose_header_swaps_left_and_right(tmp_path, ct_crop):
     img = sitk.ReadImage(str(ct_crop))
     mirrored = sitk.Flip(img, [True, False, False])
     mirrored.CopyInformation(img)          # the header kept: the anatomy now lies mirrored in the world
@@ -57,3 +68,8 @@ def test_segment_flags_the_spleen_of_a_scan_whose_header_swaps_left_and_right(tm
     assert swapped["midline_offset_mm"] < -WRONG_SIDE_MM
     (said,) = [w["text"] for w in swapped["warnings"] if w["codes"] == ["wrong side?"]]
     assert said.startswith("The spleen proposal lies on the patient's right, ")
+    # a kidney's own side follows the prompt; the liver's tells
+    kidney = quick_segment(tmp_path / "mirrored.nii.gz", "left kidney", tmp_path / "kidney")
+    assert kidney["liver_offset_mm"] > WRONG_SIDE_MM and kidney["timings"]["side_check"] > 0
+    assert [w["codes"] for w in kidney["warnings"] if "sides swapped?" in w["codes"]] == [["sides swapped?"]]
+    assert quick_segment(ct_crop, "left kidney", tmp_path / "kidney-ok")["liver_offset_mm"] < -WRONG_SIDE_MM

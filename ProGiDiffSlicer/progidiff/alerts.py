@@ -12,7 +12,7 @@ from .proposals import BELOW_USUAL, REVIEW_AGREEMENT
 @dataclass(frozen=True)
 class Alert:
     #: in short, one per thing found: "nothing found", "review", "unseen superior end", "cut left", "dark liver",
-    #: "wrong side?", "heart?", "weak organ"
+    #: "wrong side?", "sides swapped?", "heart?", "weak organ"
     codes: tuple[str, ...]
     phrase: str   # for the overview's title: "NOTHING FOUND", "REVIEW CAREFULLY", "top left of the midline: the heart?"
     text: str     # the whole sentence, with what to check
@@ -131,6 +131,8 @@ def heart_warning(share: float) -> str:
 #: header +45, +111, -88.
 EXPECTED_SIDE = {"liver": "right", "gallbladder": "right", "spleen": "left"}
 WRONG_SIDE_MM = 20.0
+#: The organs whose side the prompt names; for them the engine checks the liver's side (Engine._liver_side).
+SIDED_BY_PROMPT = {"kidney_left": "left", "kidney_right": "right"}
 
 
 def is_wrong_side(organ: str, offset_mm: float | None) -> bool:
@@ -151,6 +153,16 @@ def wrong_side_warning(organ: str, offset_mm: float) -> str:
             "this scan.")
 
 
+def swapped_kidney_warning(organ: str, liver_offset_mm: float) -> str:
+    """What segment says for a left or right kidney where the liver lies on the patient's left."""
+    other = "right" if SIDED_BY_PROMPT[organ] == "left" else "left"
+    name = organ.replace("kidney_", "") + " kidney"
+    return (f"In this scan the liver lies on the patient's left ({liver_offset_mm:.0f} mm from the body's midline): its "
+            f"left and right are most likely swapped in the header (a conversion error; situs inversus is rare), and "
+            f"then this {name} proposal is the patient's {other} kidney. Check the orientation against a landmark (the "
+            "scanner's L/R marker, the heart's apex) before naming the side.")
+
+
 def is_dark_liver(organ: str, median_hu: float | None) -> bool:
     """A CT liver proposal darker than a healthy liver (DARK_LIVER_HU): a fatty liver, which the model finds
     less well. None (MR, or an empty proposal) is never dark."""
@@ -167,12 +179,13 @@ def find_alerts(organ: str, display: str, *, review: bool, agreement: float, uns
                 window_cut: list[str], window_mm: float, median_hu: float | None,
                 top_left_share: float | None, usual_agreement: float | None = None,
                 empty_of: int = 0, held_out_dice: float | None = None,
-                midline_offset_mm: float | None = None) -> list[Alert]:
+                midline_offset_mm: float | None = None, liver_offset_mm: float | None = None) -> list[Alert]:
     """Every warning segment gives for one result, in the order it gives them; empty where it says nothing.
     ``organ`` is the vocabulary's name ("liver"), ``display`` the name shown ("Liver"); ``empty_of``: the
     number of proposals when every one of them is empty, else 0; ``held_out_dice``: the organ's Dice on the
     held-out part of the model's training data, from its card (None: not recorded); ``midline_offset_mm``:
-    where the ranked-first proposal's centre lies from the body's midline (+ = the patient's left)."""
+    where the ranked-first proposal's centre lies from the body's midline (+ = the patient's left);
+    ``liver_offset_mm``: for a left or right kidney, where the liver lies."""
     name = display.lower()
     out = []
     if empty_of:
@@ -194,6 +207,9 @@ def find_alerts(organ: str, display: str, *, review: bool, agreement: float, uns
         side = "left" if midline_offset_mm > 0 else "right"
         out.append(Alert(("wrong side?",), f"on the patient's {side}: left and right swapped?",
                          wrong_side_warning(name, midline_offset_mm)))
+    if organ in SIDED_BY_PROMPT and is_wrong_side("liver", liver_offset_mm):
+        out.append(Alert(("sides swapped?",), "the liver on the patient's left: sides swapped?",
+                         swapped_kidney_warning(organ, liver_offset_mm)))
     if is_heart_suspect(organ, top_left_share):
         out.append(Alert(("heart?",), "top left of the midline: the heart?", heart_warning(top_left_share)))
     if is_weak_organ(held_out_dice) and not empty_of:

@@ -55,6 +55,7 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "top_left_share": None if result.top_left_share is None else round(result.top_left_share, 3),
         "heart_suspect": result.heart_suspect,
         "midline_offset_mm": None if result.midline_offset_mm is None else round(result.midline_offset_mm, 1),
+        "liver_offset_mm": None if result.liver_offset_mm is None else round(result.liver_offset_mm, 1),
         "warnings": [{"codes": list(a.codes), "text": a.text} for a in result.alerts],
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
         "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),
