@@ -73,3 +73,30 @@ def test_segment_flags_the_spleen_and_kidney_of_a_scan_whose_header_swaps_left_a
     assert kidney["liver_offset_mm"] > WRONG_SIDE_MM and kidney["timings"]["side_check"] > 0
     assert [w["codes"] for w in kidney["warnings"] if "sides swapped?" in w["codes"]] == [["sides swapped?"]]
     assert quick_segment(ct_crop, "left kidney", tmp_path / "kidney-ok")["liver_offset_mm"] < -WRONG_SIDE_MM
+
+
+def test_the_kidney_side_check_reads_no_side_from_a_tip_of_liver(monkeypatch):
+    """A scan that shows only the liver's lowest tip (the sample CT's lower half: 3 mL found) says nothing of
+    the sides: a few voxels could lie on either side by chance."""
+    from progidiff import engine as engine_mod
+
+    ref = sitk.Image(64, 64, 10, sitk.sitkUInt8)
+    ref.SetSpacing((6.0, 6.0, 5.0))
+    probe = np.zeros((1, 10, 64, 64), np.float32)
+    probe[0, :2, 30:34, 50:54] = 1.0          # 32 voxels x 0.36 mL: 11.5 mL, on the patient's left
+    monkeypatch.setattr(engine_mod, "sample_proposals", lambda *a, **k: probe)
+
+    class Stub:
+        card = {"organs": ["liver", "kidney_left"]}
+        vocabulary = {"liver": None}
+        device = "cpu"
+
+        def text_states(self, organ):
+            return None
+
+    res = type("R", (), {"organ": type("O", (), {"name": "kidney_left"})()})()
+    p = dict(res=res, idx=np.arange(20), stack=np.zeros((20, 1)), coords=np.zeros(20), ref=ref, model=None)
+    opts = engine_mod.SegmentOptions()
+    assert engine_mod.Engine._liver_side(Stub(), p, opts, None) is None
+    probe[0, :, 20:40, 36:56] = 1.0           # 4,000 voxels: 1,440 mL; columns 36-55, 14 left of the centre (31.5)
+    assert engine_mod.Engine._liver_side(Stub(), p, opts, None) == pytest.approx(14 * 6.0)

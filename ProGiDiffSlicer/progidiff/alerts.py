@@ -125,7 +125,8 @@ def heart_warning(share: float) -> str:
 #: The side of the body's midline each of these organs lies on (but in situs inversus, 1 in 10,000). A proposal
 #: whose centre lies more than WRONG_SIDE_MM on the other side says the scan's left and right are swapped: a
 #: header written wrong in a conversion, far commoner than the anatomy. The kidneys are not here: the model
-#: places a "left kidney" on the scan's left whatever its header says, so their side tells nothing.
+#: places a "left kidney" on the scan's left whatever its header says, so for them the liver's side is read
+#: (SIDED_BY_PROMPT, Engine._liver_side).
 #: Measured (engine.midline_offset_mm, + = the patient's left, ranked-first of 4): the sample CT liver -68,
 #: gallbladder -70, spleen +111 mm; the other person's PET/CT -71, -3, +97; the sample CT mirrored in its
 #: header +45, +111, -88.

@@ -37,6 +37,10 @@ MAX_STEPS = 1000
 #: the shipped model's liver Dice on the held-out slab is 0.879 at 4 DPM-Solver++ steps, 0.873 at 8
 #: and 0.876 at 50 (ct-v3 before it: 0.868, 0.867, 0.862), so steps beyond 4 cost time and buy nothing.
 DEFAULT_STEPS = 4
+#: The least liver (mL) the kidney's side check reads a side from. A liver is 1-2 L (the sample CT's pass:
+#: about 1,200 mL); the sample CT's lower half shows only its tip, where the pass found 3 mL, which could lie
+#: on either side of the midline by chance.
+LIVER_PROBE_MIN_ML = 100.0
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -339,7 +343,11 @@ class Engine:
                                  batch_size=opts.batch_size, coords=p["coords"][coarse], cancel=cancel)
         # its largest region: on the sample CT mirrored in its header, +42 mm against +25 for the whole pass
         # mask, whose scattered false positives pull the centre toward the midline (-67 either way as acquired)
-        return midline_offset_mm(largest_region(probe[0] > 0.5), p["ref"])
+        liver = largest_region(probe[0] > 0.5)
+        sx, sy, sz = p["ref"].GetSpacing()
+        if liver.sum() * sx * sy * sz * 2 / 1000 < LIVER_PROBE_MIN_ML:   # every other slice: each stands for two
+            return None
+        return midline_offset_mm(liver, p["ref"])
 
     def refine(self, scan: Scan, prompt: str, edited: np.ndarray, keep: np.ndarray, options: SegmentOptions | None = None,
                strength: float = 0.6, progress: ProgressFn | None = None,
