@@ -97,6 +97,6 @@ def test_the_kidney_side_check_reads_no_side_from_a_tip_of_liver(monkeypatch):
     res = type("R", (), {"organ": type("O", (), {"name": "kidney_left"})()})()
     p = dict(res=res, idx=np.arange(20), stack=np.zeros((20, 1)), coords=np.zeros(20), ref=ref, model=None)
     opts = engine_mod.SegmentOptions()
-    assert engine_mod.Engine._liver_side(Stub(), p, opts, None) is None
+    assert engine_mod.Engine._liver_side(Stub(), p, opts, None, None) is None
     probe[0, :, 20:40, 36:56] = 1.0           # 4,000 voxels: 1,440 mL; columns 36-55, 14 left of the centre (31.5)
-    assert engine_mod.Engine._liver_side(Stub(), p, opts, None) == pytest.approx(14 * 6.0)
+    assert engine_mod.Engine._liver_side(Stub(), p, opts, None, None) == pytest.approx(14 * 6.0)

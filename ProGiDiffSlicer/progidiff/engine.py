@@ -185,10 +185,10 @@ class SegmentResult:
     @property
     def warnings(self) -> list[str]:
         """segment's warnings in short: "nothing found" (every proposal empty), "review" (the proposals
-        disagree), "unseen <end> end", "cut <side>" (the model's window), "dark liver", "wrong side?", "heart?",
-        "weak organ"
-        (the card's held-out Dice); empty where it says nothing. ``evaluate`` lists them, the weak organ's
-        aside, beside the Dice, so a cohort shows whether they fall on the poor segmentations."""
+        disagree), "unseen <end> end", "cut <side>" (the model's window), "dark liver", "wrong side?", "sides
+        swapped?", "heart?", "weak organ" (the card's held-out Dice); empty where it says nothing. ``evaluate``
+        lists them, the weak organ's aside, beside the Dice, so a cohort shows whether they fall on the poor
+        segmentations."""
         return [code for a in self.alerts for code in a.codes]
 
     @property
@@ -318,7 +318,7 @@ class Engine:
                 idx = self._organ_slab(p["model"], p["stack"], idx, p["states"], opts, progress, cancel, p["coords"])
             timings["prepass"] = time.time() - t1
             t1 = time.time()
-            p["liver_offset_mm"] = self._liver_side(p, opts, cancel)
+            p["liver_offset_mm"] = self._liver_side(p, opts, progress, cancel)
             timings["side_check"] = time.time() - t1
             t1 = time.time()
             probs_body = sample_proposals(
@@ -329,7 +329,8 @@ class Engine:
             timings["sampled_slices"] = float(len(idx))
         return self._finish(scan, prompt, p, opts, seeds, idx, probs_body, t0, timings)
 
-    def _liver_side(self, p: dict, opts: SegmentOptions, cancel: threading.Event | None) -> float | None:
+    def _liver_side(self, p: dict, opts: SegmentOptions, progress: ProgressFn | None,
+                    cancel: threading.Event | None) -> float | None:
         """For a kidney prompt, where the liver lies from the body's midline (mm, + = the patient's left), from
         a pass as cheap as the slab pre-pass (1 proposal, 2 steps, every other body slice). The model puts a
         "left kidney" on the scan's left whatever its header says, so only another organ can tell that the
@@ -340,7 +341,8 @@ class Engine:
         coarse = p["idx"][::2]
         probe = sample_proposals(p["model"], p["stack"][coarse], self.text_states(self.vocabulary["liver"]),
                                  [opts.seed + 20_000], steps=2, scheduler="dpm++", device=self.device,
-                                 batch_size=opts.batch_size, coords=p["coords"][coarse], cancel=cancel)
+                                 batch_size=opts.batch_size, coords=p["coords"][coarse], cancel=cancel,
+                                 progress=(lambda d, t: progress("checking sides", d, t)) if progress else None)
         # its largest region: on the sample CT mirrored in its header, +42 mm against +25 for the whole pass
         # mask, whose scattered false positives pull the centre toward the midline (-67 either way as acquired)
         liver = largest_region(probe[0] > 0.5)
