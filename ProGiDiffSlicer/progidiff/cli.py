@@ -435,7 +435,8 @@ EPILOG_EVALUATE = """example:
   progidiff evaluate Resources/Models/progidiff-ct-abdomen Totalsegmentator_dataset_v201 --split test --max-cases 20 -o eval/
 writes report.md, report.json, report.png (Dice per organ and method) and report-slices.png (each organ's
 slice where the ranked-first proposal is most wrong, with every method's outline); report.md also lists the
-warnings segment gave (NOTHING FOUND, REVIEW CAREFULLY, unseen end, window cut, dark liver, heart?) beside each Dice
+warnings segment gave (NOTHING FOUND, REVIEW CAREFULLY, unseen end, window cut, dark liver, wrong side?, sides
+swapped?, heart?) beside each Dice
 """
 
 
