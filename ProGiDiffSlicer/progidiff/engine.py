@@ -25,7 +25,7 @@ from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_tex
 from .proposals import (ProposalSet, bounding_box, engine_consensus, kji_to_world, largest_diameter_mm, rank, uncertainty,
                         volumes_ml)
 from .sampling import SCHEDULERS, sample_proposals
-from .volume import (EMPTY_BOX, GridSpec, Scan, body_axis_coords, body_slices, context_slices, guess_modality,
+from .volume import (EMPTY_BOX, GridSpec, Scan, body_axis_coords, body_reach_mm, body_slices, context_slices, guess_modality,
                      is_empty, largest_region, masks_from_model_grid, on_model_grid, organ_box, physical_bounds)
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,9 @@ class SegmentResult:
     midline_offset_mm: float | None = None
     #: For a left or right kidney: where the liver lies from the midline, by a cheap pass (``Engine._liver_side``).
     liver_offset_mm: float | None = None
+    #: How far the trunk reaches from the body's centre, world x (``volume.body_reach_mm``): a narrow body
+    #: (alerts.NARROW_BODY_REACH_MM) is flagged.
+    body_reach_mm: float | None = None
     #: The organ's ranked-first Dice on the held-out part of that training dataset (``held_out_dice``); below
     #: alerts.WEAK_ORGAN_DICE every result of the organ is called a rough draft.
     held_out_dice: float | None = None
@@ -180,13 +183,14 @@ class SegmentResult:
                            window_mm=self.window_mm, median_hu=self.median_hu, top_left_share=self.top_left_share,
                            usual_agreement=self.usual_agreement,
                            empty_of=0 if self.masks.any() else len(self.masks), held_out_dice=self.held_out_dice,
-                           midline_offset_mm=self.midline_offset_mm, liver_offset_mm=self.liver_offset_mm)
+                           midline_offset_mm=self.midline_offset_mm, liver_offset_mm=self.liver_offset_mm,
+                           body_reach_mm=self.body_reach_mm)
 
     @property
     def warnings(self) -> list[str]:
         """segment's warnings in short: "nothing found" (every proposal empty), "review" (the proposals
-        disagree), "unseen <end> end", "cut <side>" (the model's window), "dark liver", "wrong side?", "sides
-        swapped?", "heart?", "weak organ" (the card's held-out Dice); empty where it says nothing. ``evaluate``
+        disagree), "narrow body", "unseen <end> end", "cut <side>" (the model's window), "dark liver", "wrong
+        side?", "sides swapped?", "heart?", "weak organ" (the card's held-out Dice); empty where it says nothing. ``evaluate``
         lists them, the weak organ's aside, beside the Dice, so a cohort shows whether they fall on the poor
         segmentations."""
         return [code for a in self.alerts for code in a.codes]
@@ -432,7 +436,8 @@ class Engine:
             median_hu=median_inside(scan.image, box, block[0]) if p["modality"] == "CT" else None,
             top_left_share=left_share_of_top(grid_masks[order[0]], ref) if p["res"].organ.name == "liver" else None,
             usual_agreement=usual, held_out_dice=held_out_dice(p["model"].card, p["res"].organ.name),
-            midline_offset_mm=midline_offset_mm(grid_masks[order[0]], ref), liver_offset_mm=p.get("liver_offset_mm"))
+            midline_offset_mm=midline_offset_mm(grid_masks[order[0]], ref), liver_offset_mm=p.get("liver_offset_mm"),
+            body_reach_mm=float(body_reach_mm(scan.image, p["modality"])[0]))
 
 
 def _training_metric(card: dict, organ: str, key: str) -> float | None:
