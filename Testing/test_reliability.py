@@ -241,3 +241,11 @@ def test_a_checkpoint_that_finds_no_room_keeps_the_last_and_says_resume(tmp_path
     assert "Traceback" not in run.stderr
     assert "run the same command with --resume." in run.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "m" / "checkpoints").glob("*.tmp"))
+
+
+def test_a_series_given_for_a_file_is_said_to_be_ignored(ct_crop, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="progidiff"):
+        assert read_scan(ct_crop, series="1.2.3").image.GetDimension() == 3
+    assert any("--series 1.2.3 is for a DICOM folder; this is a file" in r.getMessage() for r in caplog.records)

@@ -102,6 +102,8 @@ def read_scan(path: str | os.PathLike, series: str | None = None) -> Scan:
             modality = None
         _check_slice_gaps(reader, len(files), p, image.GetSpacing()[2])
     else:
+        if series is not None:
+            log.warning("%s: --series %s is for a DICOM folder; this is a file, read as it is", p, series)
         _check_complete(p)
         try:
             image = sitk.ReadImage(str(p))
