@@ -216,7 +216,7 @@ def find_alerts(organ: str, display: str, *, review: bool, agreement: float, uns
         phrase = (f"REVIEW CAREFULLY (the usual {usual_agreement:.2f})" if _flagged_by_usual(agreement, usual_agreement)
                   else "REVIEW CAREFULLY")
         out.append(Alert(("review",), phrase, review_warning(agreement, usual_agreement)))
-    if body_reach_mm is not None and body_reach_mm < NARROW_BODY_REACH_MM and not empty_of:
+    if body_reach_mm is not None and body_reach_mm < NARROW_BODY_REACH_MM:   # also where nothing was found: it may be why
         out.append(Alert(("narrow body",), f"a narrow body ({2 * body_reach_mm:.0f} mm): review",
                          narrow_body_warning(body_reach_mm)))
     if unseen_ends:
