@@ -207,8 +207,9 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         "seconds": res.seconds,
                         # wider than the model's own for a wide body (volume.body_window)
                         "window_mm": res.window_mm,
-                        # the scan's warnings: the standing caveat on a weak organ (from the card being
-                        # filled) is the same on every case and would only blur whether they fall on failures
+                        # the scan's warnings: the standing caveat on a weak organ comes from the model card
+                        # (the same on every case, and only once the card holds an evaluation), so it would
+                        # only blur whether the warnings fall on the failures
                         "warnings": [w for w in res.warnings if w != WEAK_ORGAN],
                         # the model card's agreement for the organ, which segment's review compares with
                         "usual_agreement": res.usual_agreement,
