@@ -73,6 +73,14 @@ def test_segment_flags_the_spleen_and_kidney_of_a_scan_whose_header_swaps_left_a
     assert kidney["liver_offset_mm"] > WRONG_SIDE_MM and kidney["timings"]["side_check"] > 0
     assert [w["codes"] for w in kidney["warnings"] if "sides swapped?" in w["codes"]] == [["sides swapped?"]]
     assert quick_segment(ct_crop, "left kidney", tmp_path / "kidney-ok")["liver_offset_mm"] < -WRONG_SIDE_MM
+    # a patient lying askew (the header turned 20 degrees about the long axis) is no swap
+    turn = np.radians(20.0)
+    rot = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0.0, 0.0, 1.0]])
+    askew = sitk.Image(img)
+    askew.SetDirection(tuple((rot @ np.array(img.GetDirection()).reshape(3, 3)).ravel()))
+    sitk.WriteImage(askew, str(tmp_path / "askew.nii.gz"))
+    turned = quick_segment(tmp_path / "askew.nii.gz", "spleen", tmp_path / "askew")
+    assert turned["midline_offset_mm"] > WRONG_SIDE_MM and "wrong side?" not in str(turned["warnings"])
 
 
 def test_the_kidney_side_check_reads_no_side_from_a_tip_of_liver(monkeypatch):
