@@ -71,3 +71,23 @@ def test_segment_help_states_the_review_thresholds_the_engine_uses():
     from progidiff.proposals import BELOW_USUAL, REVIEW_AGREEMENT
 
     assert f"below {REVIEW_AGREEMENT:.2f}, or more than {BELOW_USUAL:.2f} below the organ's" in EPILOG_SEGMENT
+
+
+def test_a_modality_given_against_the_scan_is_said_not_refused(ct_crop, mr_path):
+    from progidiff.alerts import modality_doubt_warning
+    from progidiff.engine import Engine, SegmentOptions
+    from progidiff.volume import read_scan
+
+    reason = "given, though the scan looks like MR: intensity heuristic (1st percentile -2: not Hounsfield units)"
+    (alert,) = find_alerts("liver", "Liver", **dict(CALM, modality="CT", modality_reason=reason))
+    assert alert.codes == ("modality?",) and alert.phrase == "given as CT: is it?"
+    assert alert.text == modality_doubt_warning("CT", reason)
+    assert alert.text.startswith("The modality was given as CT, but the scan looks like MR: intensity heuristic")
+    assert find_alerts("liver", "Liver", **dict(CALM, modality="CT", modality_reason="given")) == []
+    # through the engine: the MR given as CT is segmented, and said to look like MR; the CT given as CT is not
+    engine = Engine(device="cpu")
+    mr = engine.segment(read_scan(mr_path), "liver", SegmentOptions(proposals=1, steps=1, modality="CT"))
+    assert mr.modality == "CT" and mr.modality_reason.startswith("given, though the scan looks like MR: ")
+    assert "modality?" in mr.warnings
+    ct = engine.segment(read_scan(ct_crop), "liver", SegmentOptions(proposals=1, steps=1, modality="CT"))
+    assert ct.modality_reason == "given" and "modality?" not in ct.warnings

@@ -12,7 +12,7 @@ from .proposals import BELOW_USUAL, REVIEW_AGREEMENT
 @dataclass(frozen=True)
 class Alert:
     #: in short, one per thing found: "nothing found", "review", "unseen superior end", "cut left", "dark liver",
-    #: "narrow body", "wrong side?", "sides swapped?", "heart?", "weak organ"
+    #: "modality?", "narrow body", "wrong side?", "sides swapped?", "heart?", "weak organ"
     codes: tuple[str, ...]
     phrase: str   # for the overview's title: "NOTHING FOUND", "REVIEW CAREFULLY", "top left of the midline: the heart?"
     text: str     # the whole sentence, with what to check
@@ -164,6 +164,18 @@ def swapped_kidney_warning(organ: str, liver_offset_mm: float) -> str:
             "scanner's L/R marker, the heart's apex) before naming the side.")
 
 
+#: How the engine's modality reason starts where the modality given contradicts the scan (Engine._prepare).
+GIVEN_THOUGH = "given, though the scan looks like"
+
+
+def modality_doubt_warning(modality: str, reason: str) -> str:
+    """What segment says where --modality was given and the scan looks like the other one."""
+    looks = reason[len(GIVEN_THOUGH):].strip()
+    return (f"The modality was given as {modality}, but the scan looks like {looks}. The model reads it as "
+            f"{modality} (its window and, on MR, its adapter), so on the other modality it finds nothing right: check "
+            "the modality given (--modality, or the module's setting), or leave it to auto.")
+
+
 #: A trunk that reaches less far than this (mm, world x) from the body's centre is called narrow. Measured
 #: (volume.body_reach_mm): the training scan 187; it made 0.85x as wide 159, where the model meets every liver,
 #: spleen and kidney target; made 0.7x as wide 131, where it misses the spleen (0.589) and the stomach (0.077)
@@ -200,14 +212,16 @@ def find_alerts(organ: str, display: str, *, review: bool, agreement: float, uns
                 top_left_share: float | None, usual_agreement: float | None = None,
                 empty_of: int = 0, held_out_dice: float | None = None,
                 midline_offset_mm: float | None = None, liver_offset_mm: float | None = None,
-                body_reach_mm: float | None = None) -> list[Alert]:
+                body_reach_mm: float | None = None, modality: str | None = None,
+                modality_reason: str = "") -> list[Alert]:
     """Every warning segment gives for one result, in the order it gives them; empty where it says nothing.
     ``organ`` is the vocabulary's name ("liver"), ``display`` the name shown ("Liver"); ``empty_of``: the
     number of proposals when every one of them is empty, else 0; ``held_out_dice``: the organ's Dice on the
     held-out part of the model's training data, from its card (None: not recorded); ``midline_offset_mm``:
     where the ranked-first proposal's centre lies from the body's midline (+ = the patient's left);
     ``liver_offset_mm``: for a left or right kidney, where the liver lies; ``body_reach_mm``: how far the
-    trunk reaches from the body's centre (world x)."""
+    trunk reaches from the body's centre (world x); ``modality``, ``modality_reason``: the modality used and why
+    (the engine's "given, though the scan looks like MR: ..." where the user's contradicts the scan)."""
     name = display.lower()
     out = []
     if empty_of:
@@ -216,6 +230,8 @@ def find_alerts(organ: str, display: str, *, review: bool, agreement: float, uns
         phrase = (f"REVIEW CAREFULLY (the usual {usual_agreement:.2f})" if _flagged_by_usual(agreement, usual_agreement)
                   else "REVIEW CAREFULLY")
         out.append(Alert(("review",), phrase, review_warning(agreement, usual_agreement)))
+    if modality_reason.startswith(GIVEN_THOUGH):
+        out.append(Alert(("modality?",), f"given as {modality}: is it?", modality_doubt_warning(modality, modality_reason)))
     if body_reach_mm is not None and body_reach_mm < NARROW_BODY_REACH_MM:   # also where nothing was found: it may be why
         out.append(Alert(("narrow body",), f"a narrow body ({2 * body_reach_mm:.0f} mm): review",
                          narrow_body_warning(body_reach_mm)))

@@ -26,6 +26,7 @@ from .proposals import (ProposalSet, bounding_box, engine_consensus, kji_to_worl
                         volumes_ml)
 from .sampling import SCHEDULERS, sample_proposals
 from .volume import (EMPTY_BOX, GridSpec, Scan, body_axis_coords, body_reach_mm, body_slices, context_slices, guess_modality,
+                     stored_without_intercept,
                      is_empty, largest_region, masks_from_model_grid, on_model_grid, organ_box, physical_bounds)
 
 log = logging.getLogger(__name__)
@@ -184,12 +185,12 @@ class SegmentResult:
                            usual_agreement=self.usual_agreement,
                            empty_of=0 if self.masks.any() else len(self.masks), held_out_dice=self.held_out_dice,
                            midline_offset_mm=self.midline_offset_mm, liver_offset_mm=self.liver_offset_mm,
-                           body_reach_mm=self.body_reach_mm)
+                           body_reach_mm=self.body_reach_mm, modality=self.modality, modality_reason=self.modality_reason)
 
     @property
     def warnings(self) -> list[str]:
         """segment's warnings in short: "nothing found" (every proposal empty), "review" (the proposals
-        disagree), "narrow body", "unseen <end> end", "cut <side>" (the model's window), "dark liver", "wrong
+        disagree), "modality?", "narrow body", "unseen <end> end", "cut <side>" (the model's window), "dark liver", "wrong
         side?", "sides swapped?", "heart?", "weak organ" (the card's held-out Dice); empty where it says nothing. ``evaluate``
         lists them, the weak organ's aside, beside the Dice, so a cohort shows whether they fall on the poor
         segmentations."""
@@ -297,6 +298,10 @@ class Engine:
                 log.warning("modality assumed %s from the %s; pass --modality to override", modality, reason)
         else:
             modality, reason = opts.modality, "given"
+            looks, why = guess_modality(scan)
+            if looks != modality and not (modality == "CT" and stored_without_intercept(scan.image)):
+                # said, not refused: the user may know better than the heuristic (or the DICOM tag)
+                reason = f"given, though the scan looks like {looks}: {why}"
         ref, vol = on_model_grid(scan.image, self.grid, modality, fit_body=self.model.window_multiple())
         stack = context_slices(vol, self.model.config.context)
         # Slices with no body (air only) are not sampled: they cost time and can only add false positives.
