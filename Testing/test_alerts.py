@@ -91,3 +91,24 @@ def test_a_modality_given_against_the_scan_is_said_not_refused(ct_crop, mr_path)
     assert "modality?" in mr.warnings
     ct = engine.segment(read_scan(ct_crop), "liver", SegmentOptions(proposals=1, steps=1, modality="CT"))
     assert ct.modality_reason == "given" and "modality?" not in ct.warnings
+
+
+def test_the_overview_title_is_wrapped_left_of_the_legend(tmp_path, monkeypatch):
+    """With REVIEW CAREFULLY, a wrong side and the heart together the title was one line of 190 characters, run
+    under the legend and off the picture."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from progidiff.overview import TITLE_CHARS, render_overview
+
+    said = []
+    real = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **k: said.append(t) or real(self, t, **k))
+    title = ("Liver: 4 proposals · agreement 0.92 · 865 mL (median) · REVIEW CAREFULLY (the usual 0.95) · on the "
+             "patient's left: left and right swapped? · top left of the midline: the heart?")
+    masks = np.zeros((2, 6, 16, 16), bool)
+    masks[:, 2:4, 4:9, 4:9] = True
+    render_overview(np.random.default_rng(0).random((6, 16, 16)), masks, (6.0, 6.0, 5.0), tmp_path / "o.png", title)
+    lines = said[-1].split("\n")
+    assert len(lines) == 2 and all(len(line) <= TITLE_CHARS for line in lines)
+    assert " ".join(lines) == title and (tmp_path / "o.png").stat().st_size > 0

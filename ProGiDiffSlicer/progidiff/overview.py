@@ -2,6 +2,7 @@
 on a few axial slices through the organ and one coronal slice, to judge at a glance."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ def render_overview(image: np.ndarray, masks: np.ndarray, spacing: tuple[float, 
     yc = int(np.round(np.nonzero(union)[1].mean())) if union.any() else image.shape[1] // 2
     views = [("axial", z) for z in zs] + [("coronal", yc)]
     fig, axes = plt.subplots(2, len(views), figsize=(3.2 * len(views), 6.6), squeeze=False)
+    # The title wrapped to stay left of the legend, the panels lowered for its lines (before the colour bar
+    # takes its room): with several warnings in it the title ran under the legend and off the picture
+    # (REVIEW CAREFULLY, wrong side and heart together: 190 characters in one line).
+    lines = textwrap.wrap(title, TITLE_CHARS, break_on_hyphens=False) or [""]
+    fig.subplots_adjust(top=0.88 - 0.03 * (len(lines) - 1))
     for col, (kind, k) in enumerate(views):
         if kind == "axial":
             img, ms, u, aspect = image[k], masks[:, k], unc[k], sy / sx
@@ -60,9 +66,13 @@ def render_overview(image: np.ndarray, masks: np.ndarray, spacing: tuple[float, 
     handles = [plt.Line2D([], [], color=colours[i], lw=1.5, label=f"#{i + 1}") for i in range(min(n, 10))]
     fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=min(n, 5), title="proposal (rank)",
                title_fontsize=7)
-    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    fig.suptitle("\n".join(lines), fontsize=10, x=0.02, y=0.995, ha="left", va="top")
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+#: The overview title's line length: what fits left of the legend at 10 pt on the 4-view figure.
+TITLE_CHARS = 105
 
 
 #: How evaluate's slice figure draws each mask: (label, colour, line style).
