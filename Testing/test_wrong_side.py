@@ -98,6 +98,7 @@ def test_the_kidney_side_check_reads_no_side_from_a_tip_of_liver(monkeypatch):
         card = {"organs": ["liver", "kidney_left"]}
         vocabulary = {"liver": None}
         device = "cpu"
+        _cheap_pass = engine_mod.Engine._cheap_pass
 
         def text_states(self, organ):
             return None

@@ -25,9 +25,9 @@ from .prompts import Organ, PromptResolver, TextEncoder, Vocabulary, default_tex
 from .proposals import (ProposalSet, bounding_box, engine_consensus, kji_to_world, largest_diameter_mm, rank, uncertainty,
                         volumes_ml)
 from .sampling import SCHEDULERS, sample_proposals
-from .volume import (EMPTY_BOX, GridSpec, Scan, body_axis_coords, body_reach_mm, body_slices, context_slices, guess_modality,
-                     stored_without_intercept,
-                     is_empty, largest_region, masks_from_model_grid, on_model_grid, organ_box, physical_bounds)
+from .volume import (EMPTY_BOX, GridSpec, Scan, body_axis_coords, body_slices, context_slices, fitted_model_grid,
+                     guess_modality, is_empty, largest_region, masks_from_model_grid, organ_box,
+                     physical_bounds, stored_without_intercept)
 
 log = logging.getLogger(__name__)
 
@@ -272,15 +272,24 @@ class Engine:
                               f"{', '.join(self.vocabulary[o].display for o in self.card['organs'])}.")
         return res
 
+    def _cheap_pass(self, model: ProGiDiffModel, stack: np.ndarray, idx: np.ndarray, states, coords: np.ndarray,
+                    seed: int, opts: SegmentOptions, stage: str, progress: ProgressFn | None,
+                    cancel: threading.Event | None) -> tuple[np.ndarray, np.ndarray]:
+        """(every other slice of ``idx``, the organ's mask there) from one proposal of 2 steps: about 3 % of
+        the cost of 8 proposals x 4 steps. The slab pre-pass and the kidneys' side check use it."""
+        coarse = idx[::2]
+        probs = sample_proposals(model, stack[coarse], states, [seed], steps=2, scheduler="dpm++", device=self.device,
+                                 batch_size=opts.batch_size, coords=coords[coarse], cancel=cancel,
+                                 progress=(lambda d, t: progress(stage, d, t)) if progress else None)
+        return coarse, probs[0] > 0.5
+
     def _organ_slab(self, model: ProGiDiffModel, stack: np.ndarray, idx: np.ndarray, states: torch.Tensor, opts: SegmentOptions,
                     progress: ProgressFn | None, cancel: threading.Event | None, coords: np.ndarray) -> np.ndarray:
-        """Body slices within the organ's slab found by a cheap pass (1 proposal, 2 steps, every
-        other slice: about 3 % of the cost of 8 proposals x 4 steps), widened by the margin on each side."""
-        coarse = idx[::2]
-        p = sample_proposals(model, stack[coarse], states, [opts.seed + 10_000], steps=2,
-                             scheduler="dpm++", device=self.device, batch_size=opts.batch_size, coords=coords[coarse],
-                             progress=(lambda d, t: progress("locating", d, t)) if progress else None, cancel=cancel)
-        hit = coarse[(p[0] > 0.5).reshape(len(coarse), -1).sum(1) >= 4]
+        """Body slices within the organ's slab found by a cheap pass (``_cheap_pass``), widened by the margin
+        on each side."""
+        coarse, found = self._cheap_pass(model, stack, idx, states, coords, opts.seed + 10_000, opts, "locating",
+                                         progress, cancel)
+        hit = coarse[found.reshape(len(coarse), -1).sum(1) >= 4]
         if len(hit) == 0:
             log.info("pre-pass found no %s; sampling every body slice", "organ")
             return idx
@@ -302,14 +311,14 @@ class Engine:
             if looks != modality and not (modality == "CT" and stored_without_intercept(scan.image)):
                 # said, not refused: the user may know better than the heuristic (or the DICOM tag)
                 reason = f"given, though the scan looks like {looks}: {why}"
-        ref, vol = on_model_grid(scan.image, self.grid, modality, fit_body=self.model.window_multiple())
+        ref, vol, reach = fitted_model_grid(scan.image, self.grid, modality, self.model.window_multiple())
         stack = context_slices(vol, self.model.config.context)
         # Slices with no body (air only) are not sampled: they cost time and can only add false positives.
         idx = body_slices(vol)
         if len(idx) == 0:
             raise InputError(f"{scan.path}: no body found in the scan (all voxels look like air/background).")
         model, adapter = self.model_for(modality)
-        return dict(res=res, modality=modality, reason=reason, ref=ref, vol=vol, stack=stack, idx=idx,
+        return dict(res=res, modality=modality, reason=reason, ref=ref, vol=vol, stack=stack, idx=idx, reach=reach,
                     coords=body_axis_coords(vol), states=self.text_states(res.organ), model=model, adapter=adapter)
 
     def segment(self, scan: Scan, prompt: str, options: SegmentOptions | None = None,
@@ -341,20 +350,17 @@ class Engine:
     def _liver_side(self, p: dict, opts: SegmentOptions, progress: ProgressFn | None,
                     cancel: threading.Event | None) -> float | None:
         """For a kidney prompt, where the liver lies from the body's midline (mm, + = the patient's left), from
-        a pass as cheap as the slab pre-pass (1 proposal, 2 steps, every other body slice). The model puts a
+        a pass as cheap as the slab pre-pass (``_cheap_pass``). The model puts a
         "left kidney" on the scan's left whatever its header says, so only another organ can tell that the
         header swaps left and right; the liver, the largest and surest, is that organ. None for other prompts
         or where the model has no liver."""
         if p["res"].organ.name not in SIDED_BY_PROMPT or "liver" not in self.card.get("organs", []):
             return None
-        coarse = p["idx"][::2]
-        probe = sample_proposals(p["model"], p["stack"][coarse], self.text_states(self.vocabulary["liver"]),
-                                 [opts.seed + 20_000], steps=2, scheduler="dpm++", device=self.device,
-                                 batch_size=opts.batch_size, coords=p["coords"][coarse], cancel=cancel,
-                                 progress=(lambda d, t: progress("checking sides", d, t)) if progress else None)
+        _, found = self._cheap_pass(p["model"], p["stack"], p["idx"], self.text_states(self.vocabulary["liver"]),
+                                    p["coords"], opts.seed + 20_000, opts, "checking sides", progress, cancel)
         # its largest region: on the sample CT mirrored in its header, +42 mm against +25 for the whole pass
         # mask, whose scattered false positives pull the centre toward the midline (-67 either way as acquired)
-        liver = largest_region(probe[0] > 0.5)
+        liver = largest_region(found)
         sx, sy, sz = p["ref"].GetSpacing()
         if liver.sum() * sx * sy * sz * 2 / 1000 < LIVER_PROBE_MIN_ML:   # every other slice: each stands for two
             return None
@@ -442,7 +448,7 @@ class Engine:
             top_left_share=left_share_of_top(grid_masks[order[0]], ref) if p["res"].organ.name == "liver" else None,
             usual_agreement=usual, held_out_dice=held_out_dice(p["model"].card, p["res"].organ.name),
             midline_offset_mm=midline_offset_mm(grid_masks[order[0]], ref), liver_offset_mm=p.get("liver_offset_mm"),
-            body_reach_mm=float(body_reach_mm(scan.image, p["modality"])[0]))
+            body_reach_mm=float(p["reach"][0]))
 
 
 def _training_metric(card: dict, organ: str, key: str) -> float | None:

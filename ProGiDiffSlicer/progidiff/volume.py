@@ -323,14 +323,25 @@ def on_model_grid(image: sitk.Image, grid: GridSpec, modality: str,
     normalised (``model_grid``, ``to_model_grid``), a CT read in Hounsfield units first (once: the check
     and the shifted copy are per scan). ``fit_body``: widen the window to hold a wide body
     (``body_window``, in steps of that many pixels); inference does, training keeps the model's size."""
-    image = in_hounsfield(image, modality)
-    centre = None
     if fit_body:
-        # the body's reach and centre from one coarse resampling, for the window and for model_grid
-        reach, centre = _reach_and_centre(image, modality)
-        grid = body_window(image, grid, modality, fit_body, reach=reach)
-    ref = model_grid(image, grid, modality, centre=centre)
+        ref, vol, _ = fitted_model_grid(image, grid, modality, fit_body)
+        return ref, vol
+    image = in_hounsfield(image, modality)
+    ref = model_grid(image, grid, modality)
     return ref, to_model_grid(image, ref, modality)
+
+
+def fitted_model_grid(image: sitk.Image, grid: GridSpec, modality: str,
+                      multiple: int) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """``on_model_grid`` with the window widened to hold a wide body (``body_window``, in steps of
+    ``multiple`` pixels), and the body's reach (``body_reach_mm``) it was measured from, so that a caller
+    who also needs the reach (segment's narrow-body warning) does not measure it again."""
+    image = in_hounsfield(image, modality)
+    # the body's reach and centre from one coarse resampling, for the window and for model_grid
+    reach, centre = _reach_and_centre(image, modality)
+    grid = body_window(image, grid, modality, multiple, reach=reach)
+    ref = model_grid(image, grid, modality, centre=centre)
+    return ref, to_model_grid(image, ref, modality), reach
 
 
 def body_threshold(image: sitk.Image, modality: str) -> float:
