@@ -159,6 +159,9 @@ class SegmentResult:
     #: How far the trunk reaches from the body's centre, world x (``volume.body_reach_mm``): a narrow body
     #: (alerts.NARROW_BODY_REACH_MM) is flagged.
     body_reach_mm: float | None = None
+    #: Whether the scan's field of view cuts the trunk's sides (``volume.body_fov_cut``): then the body is wider
+    #: than its reach, and is neither called narrow nor zoomed.
+    body_fov_cut: bool = False
     #: The organ's ranked-first Dice on the held-out part of that training dataset (``held_out_dice``); below
     #: alerts.WEAK_ORGAN_DICE every result of the organ is called a rough draft.
     held_out_dice: float | None = None
@@ -185,7 +188,7 @@ class SegmentResult:
                            usual_agreement=self.usual_agreement,
                            empty_of=0 if self.masks.any() else len(self.masks), held_out_dice=self.held_out_dice,
                            midline_offset_mm=self.midline_offset_mm, liver_offset_mm=self.liver_offset_mm,
-                           body_reach_mm=self.body_reach_mm, modality=self.modality, modality_reason=self.modality_reason)
+                           body_reach_mm=None if self.body_fov_cut else self.body_reach_mm, modality=self.modality, modality_reason=self.modality_reason)
 
     @property
     def warnings(self) -> list[str]:
@@ -311,14 +314,14 @@ class Engine:
             if looks != modality and not (modality == "CT" and stored_without_intercept(scan.image)):
                 # said, not refused: the user may know better than the heuristic (or the DICOM tag)
                 reason = f"given, though the scan looks like {looks}: {why}"
-        ref, vol, reach = fitted_model_grid(scan.image, self.grid, modality, self.model.window_multiple())
+        ref, vol, reach, fov_cut = fitted_model_grid(scan.image, self.grid, modality, self.model.window_multiple())
         stack = context_slices(vol, self.model.config.context)
         # Slices with no body (air only) are not sampled: they cost time and can only add false positives.
         idx = body_slices(vol)
         if len(idx) == 0:
             raise InputError(f"{scan.path}: no body found in the scan (all voxels look like air/background).")
         model, adapter = self.model_for(modality)
-        return dict(res=res, modality=modality, reason=reason, ref=ref, vol=vol, stack=stack, idx=idx, reach=reach,
+        return dict(res=res, modality=modality, reason=reason, ref=ref, vol=vol, stack=stack, idx=idx, reach=reach, fov_cut=fov_cut,
                     coords=body_axis_coords(vol), states=self.text_states(res.organ), model=model, adapter=adapter)
 
     def segment(self, scan: Scan, prompt: str, options: SegmentOptions | None = None,
@@ -448,7 +451,7 @@ class Engine:
             top_left_share=left_share_of_top(grid_masks[order[0]], ref) if p["res"].organ.name == "liver" else None,
             usual_agreement=usual, held_out_dice=held_out_dice(p["model"].card, p["res"].organ.name),
             midline_offset_mm=midline_offset_mm(grid_masks[order[0]], ref), liver_offset_mm=p.get("liver_offset_mm"),
-            body_reach_mm=float(p["reach"][0]))
+            body_reach_mm=float(p["reach"][0]), body_fov_cut=bool(p["fov_cut"]))
 
 
 def _training_metric(card: dict, organ: str, key: str) -> float | None:

@@ -205,7 +205,7 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         "agreement": res.ranking.agreement,
                         "reference_ml": float(ref.sum()) * scan.voxel_volume_ml,
                         "seconds": res.seconds,
-                        # wider than the model's own for a wide body (volume.body_window)
+                        # wider than the model's own for a wide body, narrower for a narrow one (volume.body_window)
                         "window_mm": res.window_mm,
                         # the scan's warnings: the standing caveat on a weak organ comes from the model card
                         # (the same on every case, and only once the card holds an evaluation), so it would
@@ -367,6 +367,10 @@ def _markdown(rep: dict) -> str:
     if widened:
         lines += [f"- the model's {rep['model_window_mm']:.0f} mm window widened for a wide body: "
                   + ", ".join(f"`{c}` {w:.0f} mm" for c, w in widened.items())]
+    zoomed = {c["case"]: c["window_mm"] for c in rep["cases"] if c.get("window_mm", math.inf) < rep.get("model_window_mm", 0)}
+    if zoomed:
+        lines += [f"- the model's {rep['model_window_mm']:.0f} mm window zoomed for a narrow body (finer pixels): "
+                  + ", ".join(f"`{c}` {w:.0f} mm" for c, w in zoomed.items())]
     if rep.get("skipped_training_cases"):
         n = len(rep["skipped_training_cases"])
         lines += [f"- not scored: {n} case(s) the model was trained on whole "

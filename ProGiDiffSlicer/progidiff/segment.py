@@ -57,6 +57,9 @@ def build_report(result: SegmentResult, engine: Engine) -> dict:
         "midline_offset_mm": None if result.midline_offset_mm is None else round(result.midline_offset_mm, 1),
         "liver_offset_mm": None if result.liver_offset_mm is None else round(result.liver_offset_mm, 1),
         "body_reach_mm": None if result.body_reach_mm is None else round(result.body_reach_mm, 1),
+        "body_cut_by_fov": result.body_fov_cut,
+        # finer than the model's own pixels for a narrow body (volume.body_zoom)
+        "model_pixel_mm": round(float(result.grid.GetSpacing()[0]), 3),
         "warnings": [{"codes": list(a.codes), "text": a.text} for a in result.alerts],
         "consensus_volume_ml": round(float(result.consensus.sum()) * float(np.prod(result.image.GetSpacing())) / 1000, 2),
         "grid": {"size": list(result.image.GetSize()), "spacing": list(result.image.GetSpacing()),

@@ -324,7 +324,7 @@ def on_model_grid(image: sitk.Image, grid: GridSpec, modality: str,
     and the shifted copy are per scan). ``fit_body``: widen the window to hold a wide body
     (``body_window``, in steps of that many pixels); inference does, training keeps the model's size."""
     if fit_body:
-        ref, vol, _ = fitted_model_grid(image, grid, modality, fit_body)
+        ref, vol, _, _ = fitted_model_grid(image, grid, modality, fit_body)
         return ref, vol
     image = in_hounsfield(image, modality)
     ref = model_grid(image, grid, modality)
@@ -332,16 +332,17 @@ def on_model_grid(image: sitk.Image, grid: GridSpec, modality: str,
 
 
 def fitted_model_grid(image: sitk.Image, grid: GridSpec, modality: str,
-                      multiple: int) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
-    """``on_model_grid`` with the window widened to hold a wide body (``body_window``, in steps of
-    ``multiple`` pixels), and the body's reach (``body_reach_mm``) it was measured from, so that a caller
-    who also needs the reach (segment's narrow-body warning) does not measure it again."""
+                      multiple: int) -> tuple[sitk.Image, np.ndarray, np.ndarray, bool]:
+    """``on_model_grid`` with the window fitted to the body (``body_window``: zoomed for a narrow body,
+    widened in steps of ``multiple`` pixels for a wide one), and the body's reach (``body_reach_mm``) and
+    whether the field of view cuts it (``body_fov_cut``) as measured for it, so that a caller who also
+    needs them (segment's narrow-body warning) does not measure them again."""
     image = in_hounsfield(image, modality)
     # the body's reach and centre from one coarse resampling, for the window and for model_grid
-    reach, centre = _reach_and_centre(image, modality)
-    grid = body_window(image, grid, modality, multiple, reach=reach)
+    reach, centre, fov_cut = _reach_and_centre(image, modality)
+    grid = body_window(image, grid, modality, multiple, reach=reach, fov_cut=fov_cut)
     ref = model_grid(image, grid, modality, centre=centre)
-    return ref, to_model_grid(image, ref, modality), reach
+    return ref, to_model_grid(image, ref, modality), reach, fov_cut
 
 
 def body_threshold(image: sitk.Image, modality: str) -> float:
@@ -434,31 +435,78 @@ def body_reach_mm(image: sitk.Image, modality: str) -> np.ndarray:
     return _reach_and_centre(image, modality)[0]
 
 
-def _reach_and_centre(image: sitk.Image, modality: str) -> tuple[np.ndarray, np.ndarray]:
-    """``body_reach_mm`` and ``body_centre``, from one coarse resampling."""
+#: Where a slice's trunk runs along the scan's left or right edge for more than this (mm), the field of
+#: view cuts the body's sides and the reach measured is the field's, not the body's (a small-field
+#: reconstruction of an adult). Measured on the 8 mm resampling: the training scan, 363 mm wide in a field
+#: 363 mm wide, meets its edge over 64 mm at most, and made 0.85x / 0.7x as wide (the field with it) over
+#: 48 / 32 mm; cut to a field 330 / 300 / 270 mm wide, over 104 / 112 / 136 mm. The other person's PET/CT
+#: and the MR person: 0 mm. Set between 64 and 104.
+FOV_CUT_CONTACT_MM = 88.0
+
+
+def body_fov_cut(image: sitk.Image, modality: str) -> bool:
+    """Whether the scan's field of view cuts the trunk's sides (FOV_CUT_CONTACT_MM)."""
+    return _reach_and_centre(image, modality)[2]
+
+
+def _reach_and_centre(image: sitk.Image, modality: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``body_reach_mm``, ``body_centre`` and ``body_fov_cut``, from one coarse resampling."""
     body, lo, hi = _coarse_body(image, modality)
     centre = _centre_of(body, lo, hi)
     reach = np.zeros(2)
+    contact = 0
     for plane in body:
         if not plane.any():
             continue
-        yy, xx = np.nonzero(trunk_region(plane, _BODY_STEP))
+        trunk = trunk_region(plane, _BODY_STEP)
+        contact = max(contact, int(trunk[:, 0].sum()), int(trunk[:, -1].sum()))
+        yy, xx = np.nonzero(trunk)
         for axis, idx in ((0, xx), (1, yy)):
             w = lo[axis] + idx * _BODY_STEP
             reach[axis] = max(reach[axis], centre[axis] - w.min(), w.max() - centre[axis])
-    return reach, centre
+    return reach, centre, contact * _BODY_STEP > FOV_CUT_CONTACT_MM
+
+
+#: A trunk reaching less far than this (mm from its centre, world x: ``body_reach_mm``) is seen zoomed,
+#: through a window of finer pixels, as large as if it reached this far. The narrowest body measured to
+#: meet every liver, spleen and kidney target: the training scan made 0.85x as wide (159 mm; the scan
+#: itself reaches 187). Made 0.7x as wide (131 mm) the shipped model lost the spleen and stomach (Dice
+#: 0.589, 0.077), 0.6x (112 mm) the spleen, stomach, aorta and a kidney, though its training drew bodies
+#: down to 0.6x: a small organ covers few of the 6 mm pixels (docs/evaluation/body-zoom).
+ZOOM_REACH_MM = 160.0
+#: The most a narrow body is zoomed (a trunk reaching 80 mm, an infant's, and below).
+MAX_ZOOM = 2.0
+
+
+def body_zoom(reach: np.ndarray, fov_cut: bool = False) -> float:
+    """How much finer than the model's own the window's pixels are for a body whose trunk reaches
+    ``reach`` (mm, world x and y): 1 for a body reaching ZOOM_REACH_MM or more, else as much as brings
+    its reach to that (at most MAX_ZOOM). Continuous, so a body just under the bound is seen as before.
+    1 where the scan's field of view cuts the trunk's sides (``fov_cut``): the body is wider than its reach."""
+    rx = float(reach[0])
+    if fov_cut or rx <= 0 or rx >= ZOOM_REACH_MM:
+        return 1.0
+    return min(MAX_ZOOM, ZOOM_REACH_MM / rx)
 
 
 def body_window(image: sitk.Image, grid: GridSpec, modality: str, multiple: int = 8,
-                reach: np.ndarray | None = None) -> GridSpec:
-    """The model grid, its square in-plane window widened to hold the whole body where the body reaches
+                reach: np.ndarray | None = None, fov_cut: bool | None = None) -> GridSpec:
+    """The model grid fitted to the body: zoomed for a narrow body (``body_zoom``: finer in-plane pixels,
+    the same number), and its square in-plane window widened to hold the whole body where the body reaches
     more than WINDOW_TOLERANCE_MM past it (in steps of ``multiple`` pixels, what the network's
     downsampling needs, up to MAX_WINDOW_FACTOR times the model's own). A body cut off by the window
     loses what lies beyond, and the model, which trained on a body nearly whole, fails inside it too:
     on the held-out slab of a body 1.3x as wide (472 mm), a 480 mm window instead of 384 mm took the
     stomach from Dice 0.168 to 0.802 and the left kidney from 0.503 to 0.779 (docs/evaluation/body-window).
-    ``reach``: ``body_reach_mm``'s, where the caller has it."""
-    reach = body_reach_mm(image, modality) if reach is None else reach
+    ``reach``, ``fov_cut``: ``body_reach_mm``'s and ``body_fov_cut``'s, where the caller has them."""
+    if reach is None or fov_cut is None:
+        reach, _, fov_cut = _reach_and_centre(image, modality)
+    zoom = body_zoom(reach, fov_cut)
+    if zoom != 1.0:
+        sx, sy, sz = grid.spacing
+        grid = GridSpec((sx / zoom, sy / zoom, sz), grid.size)
+        log.debug("trunk reaches %.0f mm from its centre: model window zoomed %.2fx (%.2f mm pixels)",
+                  reach[0], zoom, grid.spacing[0])
     w, h = grid.size
     half = (np.array([w, h]) - 1) * np.array(grid.spacing[:2]) / 2
     if np.all(reach <= half + WINDOW_TOLERANCE_MM):
