@@ -153,21 +153,28 @@ def test_the_engine_samples_a_wide_body_on_the_wider_window_and_maps_it_back(tin
     assert narrow.grid.GetSize()[:2] == (32, 32)
 
 
+def rescaled_dataset(tiny_dataset, out, factor: float):
+    """A copy of the tiny dataset with its case's in-plane spacing (scan and label) multiplied by ``factor``
+    (header only: a body that much wider), renamed so that it is not a case the tiny model trained on."""
+    import shutil
+
+    shutil.copytree(tiny_dataset, out)
+    for sub, name in (("imagesTr", "case_001_0000.nii.gz"), ("labelsTr", "case_001.nii.gz")):
+        img = sitk.ReadImage(str(out / sub / name))
+        sx, sy, sz = img.GetSpacing()
+        img.SetSpacing((sx * factor, sy * factor, sz))
+        (out / sub / name).unlink()
+        sitk.WriteImage(img, str(out / sub / name.replace("case_001", "case_002")))
+    return out
+
+
 def test_evaluate_reports_the_widened_window(tmp_path, tiny_dataset, tiny_model):
     """evaluate records each case's window; report.md names the cases seen through a wider one."""
     import json
-    import shutil
 
     from progidiff.evaluate import evaluate
 
-    wide = tmp_path / "wide"
-    shutil.copytree(tiny_dataset, wide)
-    for sub, name in (("imagesTr", "case_001_0000.nii.gz"), ("labelsTr", "case_001.nii.gz")):
-        img = sitk.ReadImage(str(wide / sub / name))
-        sx, sy, sz = img.GetSpacing()
-        img.SetSpacing((sx * 1.6, sy * 1.6, sz))
-        (wide / sub / name).unlink()
-        sitk.WriteImage(img, str(wide / sub / name.replace("case_001", "case_002")))  # not a training case
+    wide = rescaled_dataset(tiny_dataset, tmp_path / "wide", 1.6)
     rep = evaluate(str(tiny_model), str(wide), tmp_path / "eval", proposals=2, steps=1, device="cpu", baseline=None)
     assert rep["model_window_mm"] == 384.0
     assert {c["window_mm"] for c in rep["cases"]} == {576.0}

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Copy an nnU-Net-style dataset with every scan (and label) cropped to a world-z range,
 to test a model on another field of view of the same scans (as another hospital's
-protocol would cover another part of the body).
+protocol would cover another part of the body), and, with --width-mm, cut left-right to
+a smaller field (a small-field reconstruction that cuts the body's sides).
 
 example:
   python scripts/crop_dataset_fov.py ../shared/data/ct-abdomen /tmp/ct-upper --z-min 250
+  python scripts/crop_dataset_fov.py ../shared/data/ct-abdomen /tmp/ct-fov300 --width-mm 300
 """
 from __future__ import annotations
 
@@ -41,13 +43,34 @@ def crop_z(image: sitk.Image, z_min: float, z_max: float) -> sitk.Image:
     return sitk.RegionOfInterest(image, out_size, index)
 
 
+def crop_width(image: sitk.Image, width_mm: float) -> sitk.Image:
+    """``image`` cut along the axis closest to world x (left-right) to a field ``width_mm`` wide about its
+    centre, as a small-field reconstruction of a wider body is; the geometry is kept exact."""
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    axis = int(np.argmax(np.abs(d[0, :])))
+    size = list(image.GetSize())
+    keep = min(size[axis], max(1, int(round(width_mm / image.GetSpacing()[axis]))))
+    index = [0, 0, 0]
+    index[axis] = (size[axis] - keep) // 2
+    out_size = list(size)
+    out_size[axis] = keep
+    return sitk.RegionOfInterest(image, out_size, index)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = copy_parser(__doc__)
     p.add_argument("--z-min", type=float, default=-1e9, help="lowest world z (mm) to keep")
     p.add_argument("--z-max", type=float, default=1e9, help="highest world z (mm) to keep")
+    p.add_argument("--width-mm", type=float, default=None,
+                   help="also cut the field of view left-right to this width (mm) about the image centre")
     a = p.parse_args(argv)
     src, dst = Path(a.dataset), Path(a.output)
-    copy_dataset(src, dst, lambda image, label: crop_z(image, a.z_min, a.z_max))
+
+    def crop(image: sitk.Image, is_label: bool) -> sitk.Image:
+        out = crop_z(image, a.z_min, a.z_max)
+        return out if a.width_mm is None else crop_width(out, a.width_mm)
+
+    copy_dataset(src, dst, crop)
     print(f"cropped dataset written to {dst}")
     return 0
 
