@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import quick_segment
 from test_model_window import _body_scan, rescaled_dataset
+from test_scripts import _load
 
 from progidiff.volume import (FOV_CUT_CONTACT_MM, MAX_ZOOM, ZOOM_REACH_MM, GridSpec, body_fov_cut, body_reach_mm,
                               body_window, body_zoom)
@@ -41,11 +42,8 @@ def test_a_narrow_body_gets_finer_pixels_and_the_same_window_size_and_slices():
 
 
 def _cut_to_field(image: sitk.Image, width_mm: float) -> sitk.Image:
-    """``image`` with its columns cut to a field of view ``width_mm`` wide about its centre."""
-    nx = image.GetSize()[0]
-    k = int(round(width_mm / image.GetSpacing()[0]))
-    a = (nx - k) // 2
-    return image[a:a + k, :, :]
+    """``image`` cut left-right to a field of view ``width_mm`` wide, by the script that made the evaluation's."""
+    return _load("crop_dataset_fov").crop_width(image, width_mm)
 
 
 def test_a_body_cut_by_the_field_of_view_is_not_zoomed():

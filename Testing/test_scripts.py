@@ -67,6 +67,16 @@ def test_cropped_scan_is_a_slab_of_the_same_voxels():
     assert np.array_equal(sitk.GetArrayViewFromImage(out), sitk.GetArrayViewFromImage(img)[10:21])
 
 
+def test_a_field_cut_left_right_keeps_the_same_voxels_where_they_were():
+    cf = _load("crop_dataset_fov")
+    img, _ = _image()                                 # 24 columns of 3 mm along world x (mirrored: LPS)
+    out = cf.crop_width(img, 30.0)
+    assert out.GetSize() == (10, 20, 30) and out.GetSpacing() == img.GetSpacing()
+    assert out.TransformIndexToPhysicalPoint((0, 0, 0)) == img.TransformIndexToPhysicalPoint((7, 0, 0))
+    assert np.array_equal(sitk.GetArrayViewFromImage(out), sitk.GetArrayViewFromImage(img)[:, :, 7:17])
+    assert cf.crop_width(img, 500.0).GetSize() == img.GetSize()   # a field wider than the scan: all of it
+
+
 def _world_z_range(lab: sitk.Image) -> tuple[float, float]:
     """World z of the lowest and highest labelled voxel centre, whatever the axis order."""
     z = [lab.TransformIndexToPhysicalPoint([int(v) for v in kji[::-1]])[2]
