@@ -119,6 +119,35 @@ def test_added_fat_grows_the_body_outward_only_and_leaves_the_inside_alone():
     assert after[15, 4, 10] == bf.FAT_HU and after[15, 3, 10] == bf.SKIN_HU
 
 
+def test_fat_taken_away_moves_the_outline_inward_through_the_fat_only():
+    bf = _load("add_body_fat")
+    # a round trunk, 1 mm voxels: muscle (50 HU) to radius 30 mm, fat (-100 HU) to 50 mm, skin to 52 mm
+    yy, xx = np.mgrid[:120, :120]
+    r = np.hypot(yy - 60, xx - 60)
+    sl = np.where(r <= 52, 30, -1000).astype(np.float32)
+    sl[r <= 50] = -100
+    sl[r <= 30] = 50
+    arr = np.stack([sl] * 3)
+    muscle = arr > 40
+
+    def outline_radius(a: np.ndarray) -> float:
+        return float(r[a[1] > -400].max())
+
+    thin = arr.copy()
+    taken = bf.strip_fat(thin, 12.0, 0.0, -1000.0, (1.0, 1.0), np.random.default_rng(0))
+    assert taken > 0 and np.array_equal(thin[muscle], arr[muscle])    # the muscle and all inside it kept
+    assert abs(outline_radius(thin) - 40.0) <= 1.5                     # 12 mm off a 52 mm body
+    assert np.isin(arr[(thin < -900) & (arr > -900)], (-100, 30)).all()  # only fat (and the old skin) became air
+    edge = (thin[1] > -400) & (r > outline_radius(thin) - 1)
+    assert (thin[1][edge] == bf.SKIN_HU).mean() > 0.9                  # a skin on the new outline
+
+    lean = arr.copy()
+    bf.strip_fat(lean, 100.0, 0.0, -1000.0, (1.0, 1.0), np.random.default_rng(0))
+    assert np.array_equal(lean[muscle], arr[muscle])
+    # never closer than KEEP_FAT_MM to the muscle wall
+    assert 30.0 + bf.KEEP_FAT_MM - 1.5 <= outline_radius(lean) <= 30.0 + bf.KEEP_FAT_MM + 1.5
+
+
 def test_a_widened_field_of_view_keeps_every_voxel_where_it_was_and_the_label_on_its_grid():
     bf = _load("add_body_fat")
     img, lab = _image()                                  # 24 x 20 voxels of 3 mm: 72 x 60 mm

@@ -23,6 +23,7 @@ from .datasets import cases_in_split, read_dataset, read_label
 from .engine import DEFAULT_STEPS, Engine, SegmentOptions
 from .errors import InputError
 from .label_names import log_lesions_counted, organ_label_values, organ_mask
+from .model import FOLDER_CARDS
 from .outputs import staging
 from .proposals import BELOW_USUAL, CONSENSUS_MIN_AGREEMENT, REVIEW_AGREEMENT
 from .volume import guess_modality, read_scan
@@ -88,7 +89,8 @@ class OrganScore:
 
 
 def _training_record(folder: Path) -> dict:
-    for name in ("adapter_card.json", "model_card.json", "baseline_card.json"):
+    # each folder ProGiDiff writes holds one of these cards (model, adapter or baseline)
+    for name in FOLDER_CARDS:
         if (folder / name).is_file():
             return json.loads((folder / name).read_text(encoding="utf-8")).get("training", {})
     raise InputError(f"{folder}: holds neither a model card nor an adapter card.")
