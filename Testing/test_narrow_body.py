@@ -18,7 +18,7 @@ def test_only_a_body_narrower_than_the_bound_is_flagged_and_said_with_its_width(
     assert alert.codes == ("narrow body",) and alert.phrase == "a narrow body (261 mm): review"
     assert alert.text == narrow_body_warning(130.6)
     assert alert.text.startswith("This body is narrow: its trunk reaches 131 mm from its centre (about 261 mm wide")
-    assert "a child's scan" in alert.text and "is untested" in alert.text
+    assert "child's scan" in alert.text and "is untested" in alert.text and "the spleen and stomach first" in alert.text
     assert "The model saw it zoomed, as large as a body reaching 155 mm" in alert.text
     assert find_alerts("spleen", "Spleen", **dict(CALM, body_reach_mm=NARROW_BODY_REACH_MM)) == []   # strict
     assert find_alerts("spleen", "Spleen", **dict(CALM, body_reach_mm=159.0)) == []
