@@ -134,6 +134,8 @@ def test_evaluate_reports_the_baseline_beside_the_proposals(tmp_path, tiny_datas
     for organ in rep["organs"].values():
         assert 0.0 <= organ["baseline"]["dice"] <= 1.0
     assert "baseline" in rep["mean_dice"]
+    for case in rep["cases"]:   # how far it agrees with the ranked-first proposal, over the scan and where scored
+        assert 0.0 <= case["baseline_agreement"]["scan"] <= 1.0 and 0.0 <= case["baseline_agreement"]["scored"] <= 1.0
     md = (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
     assert "baseline UNet Dice" in md
     assert (tmp_path / "eval" / "report.png").stat().st_size > 1000

@@ -222,12 +222,11 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                         b = dice_hd95(base_mask & keep, ref, sp)
                         metrics["baseline"] = {"dice": b[0], "hd95": b[1]}
                         # how far the deterministic baseline agrees with the ranked-first proposal, over the scan
-                        # (as segment would see it) and where it is scored: a second opinion that may catch the
-                        # failures the proposals agree on
+                        # (as segment would see it) and where it is scored. Measured as a second opinion on the
+                        # failures the proposals agree on, it caught none (docs/evaluation/baseline-second-opinion)
                         metrics["baseline_agreement"] = {
                             "scan": float(pairwise_dice(np.stack([res.masks[0], base_mask]))[0, 1]),
-                            "scored": float(pairwise_dice(np.stack([res.masks[0] & keep, base_mask & keep]))[0, 1]),
-                            **worst_window_agreement(res.masks[0], base_mask, scan)}
+                            "scored": float(pairwise_dice(np.stack([res.masks[0] & keep, base_mask & keep]))[0, 1])}
                     if organ_name not in worst or per[0][0] < worst[organ_name][0]:
                         worst[organ_name] = (per[0][0], cons[0], entry.name, _panel(scan, res, ref, keep, base_mask))
                     if simulate_edits:
@@ -266,25 +265,6 @@ def evaluate(model_dir: str, dataset: str, outdir: Path, proposals: int = 8, ste
                           f"{Path(report['model']).name}: each organ's slice where the ranked-first proposal is most "
                           "wrong" + (", in its lowest-scoring case" if len(regions) > 1 else ""))
     return report
-
-
-def worst_window_agreement(a: np.ndarray, b: np.ndarray, scan, window_mm: float = 30.0, min_ml: float = 2.0) -> dict:
-    """The lowest Dice between masks ``a`` and ``b`` (the scan's grid) over any ``window_mm`` run of slices
-    along the axis closest to world z where the two hold at least ``min_ml`` together, and where it lies:
-    a failure confined to part of an organ (the held-out slab's stomach) hides in a whole-scan Dice."""
-    d = np.array(scan.image.GetDirection()).reshape(3, 3)
-    axis = 2 - int(np.argmax(np.abs(d[2, :])))
-    other = tuple(x for x in range(3) if x != axis)
-    n = max(1, int(round(window_mm / scan.image.GetSpacing()[2 - axis])))
-    sa, sb, si = (m.sum(axis=other).astype(np.float64) for m in (a, b, a & b))
-    c = lambda v: np.convolve(v, np.ones(n), "valid") if len(v) >= n else np.array([v.sum()])
-    wa, wb, wi = c(sa), c(sb), c(si)
-    ok = (wa + wb) * scan.voxel_volume_ml >= min_ml
-    if not ok.any():
-        return {"worst_window": None, "worst_window_slice": None}
-    dice = np.where(ok, 2 * wi / np.maximum(wa + wb, 1), np.inf)
-    k = int(np.argmin(dice))
-    return {"worst_window": float(dice[k]), "worst_window_slice": k + n // 2}
 
 
 def simulate_edit(engine: Engine, scan, prompt: str, res, ref: np.ndarray, keep: np.ndarray, sp, proposals: int,
