@@ -96,15 +96,40 @@ def strip_fat(arr: np.ndarray, strip_mm: float, noise: float, air_hu: float, spa
         gone = body & ~lean
         skin = lean & ~wall & (ndimage.distance_transform_edt(lean, sampling=spacing) <= SKIN_MM) \
             & (depth > SKIN_MM)
-        grain = ndimage.gaussian_filter(rng.normal(0.0, 1.0, arr[k].shape), 0.7)
-        grain *= noise / grain.std()
-        arr[k][gone] = air_hu + grain[gone]
-        arr[k][skin] = SKIN_HU + grain[skin]
+        g = grain(arr[k].shape, noise, rng)
+        arr[k][gone] = air_hu + g[gone]
+        arr[k][skin] = SKIN_HU + g[skin]
         taken += int(gone.sum())
     return taken
 
 
+def grain(shape: tuple[int, ...], noise: float, rng: np.random.Generator) -> np.ndarray:
+    """Noise at the scan's spread (``noise`` HU), correlated over about a voxel as a reconstruction
+    kernel leaves it."""
+    g = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 0.7)
+    return g * (noise / g.std())
+
+
+def grow_fat(arr: np.ndarray, fat_mm: float, noise: float, spacing: tuple[float, float],
+             rng: np.random.Generator) -> None:
+    """Grow every slice's body of ``arr`` (z, y, x) outward by ``fat_mm`` of fat under a SKIN_MM skin,
+    in place."""
+    for k in range(arr.shape[0]):
+        body = body_outline(arr[k])
+        if not body.any():
+            continue
+        dist = ndimage.distance_transform_edt(~body, sampling=spacing)
+        grown = (dist > 0) & (dist <= fat_mm)
+        skin = grown & (dist > fat_mm - SKIN_MM)
+        fat = grown & ~skin
+        g = grain(arr[k].shape, noise, rng)
+        arr[k][fat] = FAT_HU + g[fat]
+        arr[k][skin] = SKIN_HU + g[skin]
+
+
 def add_fat(image: sitk.Image, fat_mm: float, rng: np.random.Generator, fov_mm: float = 0.0) -> sitk.Image:
+    """The scan with ``fat_mm`` more subcutaneous fat (grow_fat), or with up to ``-fat_mm`` less where it is
+    negative (strip_fat), after widening its field of view to ``fov_mm`` (pad_fov) if given."""
     d = np.array(image.GetDirection()).reshape(3, 3)
     if int(np.argmax(np.abs(d[2, :]))) != 2:
         raise SystemExit("add_body_fat: the scan's slices are not its third axis (an axial stack); reorient it first")
@@ -118,20 +143,8 @@ def add_fat(image: sitk.Image, fat_mm: float, rng: np.random.Generator, fov_mm: 
     sx, sy = image.GetSpacing()[:2]
     if fat_mm < 0:
         strip_fat(arr, -fat_mm, noise, float(np.median(air)) if air.size else -1000.0, (sy, sx), rng)
-        fat_mm = 0.0
-    for k in range(arr.shape[0] if fat_mm > 0 else 0):
-        body = body_outline(arr[k])
-        if not body.any():
-            continue
-        dist = ndimage.distance_transform_edt(~body, sampling=(sy, sx))
-        grown = (dist > 0) & (dist <= fat_mm)
-        skin = grown & (dist > fat_mm - SKIN_MM)
-        fat = grown & ~skin
-        # the noise correlated over about a voxel, as a reconstruction kernel leaves it, at the scan's spread
-        grain = ndimage.gaussian_filter(rng.normal(0.0, 1.0, arr[k].shape), 0.7)
-        grain *= noise / grain.std()
-        arr[k][fat] = FAT_HU + grain[fat]
-        arr[k][skin] = SKIN_HU + grain[skin]
+    else:
+        grow_fat(arr, fat_mm, noise, (sy, sx), rng)
     out = sitk.GetImageFromArray(np.round(arr).astype(sitk.GetArrayViewFromImage(image).dtype))
     out.CopyInformation(image)
     return out
