@@ -93,7 +93,7 @@ def _training_record(folder: Path) -> dict:
     for name in FOLDER_CARDS:
         if (folder / name).is_file():
             return json.loads((folder / name).read_text(encoding="utf-8")).get("training", {})
-    raise InputError(f"{folder}: holds neither a model card nor an adapter card.")
+    raise InputError(f"{folder}: holds no model, adapter or baseline card ({', '.join(FOLDER_CARDS)}).")
 
 
 def holdout_of(folder: Path) -> dict:
