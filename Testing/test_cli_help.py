@@ -28,3 +28,12 @@ def test_building_the_command_line_imports_no_torch():
             "('torch', 'numpy', 'diffusers', 'transformers', 'monai', 'SimpleITK', 'peft', 'accelerate')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_prompt_has_a_short_flag_as_the_proposals_and_output_do():
+    """``segment scan.nii.gz -p liver -n 4 -o out/``: -n and -o had short forms and -p did not, and was refused."""
+    parser = build_parser()
+    a = parser.parse_args(["segment", "scan.nii.gz", "-p", "left kidney", "-n", "4", "-o", "out"])
+    assert (a.prompt, a.proposals, a.output) == ("left kidney", 4, "out")
+    a = parser.parse_args(["refine", "scan.nii.gz", "-p", "liver", "--mask", "m.nii.gz", "--keep", "k.nii.gz", "-o", "out"])
+    assert a.prompt == "liver"

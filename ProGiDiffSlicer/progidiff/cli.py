@@ -194,7 +194,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG_SEGMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files, DICOM folders, or folders of them (or of a folder "
                                               "per patient holding one scan file)")
-    p.add_argument("--prompt", required=True, help="the organ, e.g. liver, 'left kidney', hepatic, IVC")
+    p.add_argument("-p", "--prompt", required=True, help="the organ, e.g. liver, 'left kidney', hepatic, IVC")
     p.add_argument("-n", "--proposals", type=int, default=8, help="number of proposals N (default 8)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument("--scheduler", default="dpm++", help="dpm++ (default) or ddim")
@@ -295,7 +295,7 @@ def _add_refine(sub: argparse._SubParsersAction) -> None:
                                    "(partially noised by --strength). Same outputs as segment.",
                        epilog=EPILOG_REFINE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="the scan (file or DICOM folder)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("-p", "--prompt", required=True, help="the organ, as given to segment")
     p.add_argument("--mask", required=True, help="the edited mask (0/1 image on the scan's grid)")
     p.add_argument("--keep", required=True, help="voxels to keep exactly (0/1 image on the scan's grid)")
     p.add_argument("-n", "--proposals", type=int, default=8)
