@@ -56,13 +56,14 @@ def pad_fov(image: sitk.Image, fov_mm: float, value: float) -> sitk.Image:
     return sitk.ConstantPad(image, pad + [0], pad + [0], value)
 
 
-def muscle_wall(slice_hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+def muscle_wall(slice_hu: np.ndarray, depth: np.ndarray) -> np.ndarray:
     """The slice's body inside its muscle wall: the convex hull of its largest region of soft tissue
     (above SOFT_TISSUE_HU) once the outer 4 mm (the skin) is left out. A hull rather than the region
     with its holes filled: on 3 mm voxels the thin anterior wall (linea alba, rectus sheath) breaks the
     ring, and a broken ring fills nothing. The subcutaneous fat lies outside the hull; the fat between
-    the back muscles' bulges, which lies inside it, is kept."""
-    inner = body & (ndimage.distance_transform_edt(body, sampling=spacing) > 4.0)
+    the back muscles' bulges, which lies inside it, is kept. ``depth``: each voxel's distance (mm) from
+    outside the body, 0 outside it."""
+    inner = depth > 4.0
     tissue = largest_region(ndimage.binary_closing(inner & (slice_hu > SOFT_TISSUE_HU), iterations=2))
     pts = np.argwhere(tissue)
     if len(pts) < 3:
@@ -72,7 +73,7 @@ def muscle_wall(slice_hu: np.ndarray, body: np.ndarray, spacing: tuple[float, fl
     except QhullError:  # all on one line
         return tissue
     grid = np.indices(tissue.shape).reshape(2, -1).T
-    return (hull.find_simplex(grid) >= 0).reshape(tissue.shape) & body
+    return (hull.find_simplex(grid) >= 0).reshape(tissue.shape) & (depth > 0)
 
 
 def strip_fat(arr: np.ndarray, strip_mm: float, noise: float, air_hu: float, spacing: tuple[float, float],
@@ -86,11 +87,11 @@ def strip_fat(arr: np.ndarray, strip_mm: float, noise: float, air_hu: float, spa
         body = body_outline(arr[k])
         if not body.any():
             continue
-        wall = muscle_wall(arr[k], body, spacing)
+        depth = ndimage.distance_transform_edt(body, sampling=spacing)
+        wall = muscle_wall(arr[k], depth)
         if not wall.any():
             continue
         near_wall = ndimage.distance_transform_edt(~wall, sampling=spacing) <= KEEP_FAT_MM
-        depth = ndimage.distance_transform_edt(body, sampling=spacing)
         lean = body & ((depth > strip_mm) | near_wall)
         lean = ndimage.binary_fill_holes(largest_region(lean))
         gone = body & ~lean
@@ -137,12 +138,13 @@ def add_fat(image: sitk.Image, fat_mm: float, rng: np.random.Generator, fov_mm: 
     # the scan's own noise, from the air outside the body (its spread, robustly), before any padding
     air = arr[arr < -900]
     noise = float(1.4826 * np.median(np.abs(air - np.median(air)))) if air.size > 100 else 10.0
+    air_hu = float(np.median(air)) if air.size else -1000.0
     if fov_mm:
-        image = pad_fov(image, fov_mm, float(np.median(air)) if air.size else -1000.0)
+        image = pad_fov(image, fov_mm, air_hu)
         arr = sitk.GetArrayFromImage(image).astype(np.float32)
     sx, sy = image.GetSpacing()[:2]
     if fat_mm < 0:
-        strip_fat(arr, -fat_mm, noise, float(np.median(air)) if air.size else -1000.0, (sy, sx), rng)
+        strip_fat(arr, -fat_mm, noise, air_hu, (sy, sx), rng)
     else:
         grow_fat(arr, fat_mm, noise, (sy, sx), rng)
     out = sitk.GetImageFromArray(np.round(arr).astype(sitk.GetArrayViewFromImage(image).dtype))
