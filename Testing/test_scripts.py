@@ -1,7 +1,7 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
 scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py,
 scripts/enhance_dataset_contrast.py, scripts/paint_ct_from_labels.py, scripts/add_body_fat.py,
-scripts/set_structure_density.py):
+scripts/set_structure_density.py, scripts/add_oral_contrast.py):
 the world geometry must survive, or a held-out slab would move; and the consensus-rule scorer."""
 from __future__ import annotations
 
@@ -528,3 +528,44 @@ def test_score_review_rule_adds_the_pairs_well_below_the_card_s_usual_agreement_
     assert "| 0.50–0.70 | 2 | 0 | 1 |" in out
     assert out[-2:] == ["Under Dice 0.70 and told neither: 1", "- scan stomach: Dice 0.600, agreement 0.880"]
     assert sr.main([str(model), f"scan={tmp_path / 'missing.json'}"]) == 2
+
+
+def test_oral_contrast_fills_the_bowel_lumen_and_leaves_its_wall_its_gas_and_the_rest_alone(tmp_path, capsys):
+    """A "stomach" of fluid at 30 HU with a gas pocket, beside a "liver": its lumen reads the contrast's HU
+    with the scan's grain, its 3 mm wall, its gas and the liver keep their values, the labels are copied
+    as they are; an unknown structure and a non-empty output folder are one-line errors."""
+    oc = _load("add_oral_contrast")
+    rng = np.random.default_rng(0)
+    arr = np.full((20, 24, 40), -1000.0)
+    arr[2:18, 2:22, 2:18] = 30 + rng.normal(0, 12, (16, 20, 16))        # "stomach": fluid, noisy
+    arr[2:18, 2:6, 6:14] = -1000                                       # its gas, against the wall
+    arr[2:18, 2:22, 22:38] = 60                                        # "liver"
+    lab = np.zeros(arr.shape, np.uint8)
+    lab[2:18, 2:22, 2:18], lab[2:18, 2:22, 22:38] = 1, 2
+    img, lim = sitk.GetImageFromArray(np.round(arr).astype(np.int16)), sitk.GetImageFromArray(lab)
+    img.SetSpacing((3.0, 3.0, 3.0))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    lim.CopyInformation(img)
+    _write_dataset(tmp_path / "src", "c1", img, lim, {"background": 0, "stomach": 1, "liver": 2}, "CT")
+    assert oc.main([str(tmp_path / "src"), str(tmp_path / "out"), "--structures", "stomach", "--hu", "250"]) == 0
+    assert "filled at 250 HU" in capsys.readouterr().out
+    out = sitk.ReadImage(str(tmp_path / "out" / "imagesTr" / "c1_0000.nii.gz"))
+    b, a = sitk.GetArrayFromImage(out).astype(float), np.round(arr)
+    assert out.GetDirection() == img.GetDirection()
+    lumen = np.zeros(arr.shape, bool)
+    lumen[4:16, 4:20, 4:16] = True                                     # 2 voxels (6 mm) inside the stomach
+    fluid = lumen & (a > -400)
+    assert abs(np.median(b[fluid]) - 250) < 5 and 5 < (b[fluid] - 250).std() < 20   # bright, and still grainy
+    assert b[fluid].max() < 330                                        # no bright rim where the gas begins
+    assert np.all(b[a <= -400] == -1000)                               # the gas stays
+    wall = (lab == 1) & ~np.pad(np.ones((14, 18, 14), bool), ((3, 3), (3, 3), (3, 23)))
+    assert np.abs(b[wall & (a > -400)] - a[wall & (a > -400)]).max() < 10   # the outer 3 mm: soft tissue
+    assert np.all(b[lab == 2] == a[lab == 2]) and np.all(b[lab == 0] == a[lab == 0])
+    copied = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "labelsTr" / "c1.nii.gz")))
+    assert np.array_equal(copied, lab)
+    for args, says in (([str(tmp_path / "bad"), "--structures", "stomack"], "stomack"),
+                       ([str(tmp_path / "out")], "not empty")):
+        assert oc.main([str(tmp_path / "src")] + args) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

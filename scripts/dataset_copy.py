@@ -1,5 +1,5 @@
 """Shared by the robustness-dataset scripts (crop_dataset_fov, resample_dataset, scale_dataset_body,
-deform_dataset_anatomy, enhance_dataset_contrast, add_body_fat): their command line, and the copy of an
+deform_dataset_anatomy, enhance_dataset_contrast, add_body_fat, add_oral_contrast): their command line, and the copy of an
 nnU-Net-style dataset with every scan and label transformed."""
 from __future__ import annotations
 
