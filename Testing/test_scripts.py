@@ -1,7 +1,7 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
 scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py,
 scripts/enhance_dataset_contrast.py, scripts/paint_ct_from_labels.py, scripts/add_body_fat.py,
-scripts/set_structure_density.py, scripts/add_oral_contrast.py):
+scripts/set_structure_density.py, scripts/add_oral_contrast.py, scripts/add_liver_lesions.py):
 the world geometry must survive, or a held-out slab would move; and the consensus-rule scorer."""
 from __future__ import annotations
 
@@ -569,3 +569,42 @@ def test_oral_contrast_fills_the_bowel_lumen_and_leaves_its_wall_its_gas_and_the
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_liver_lesions_are_darker_balls_inside_the_liver_within_the_z_range_and_the_labels_stay(tmp_path, capsys):
+    """Three lesions 50 HU darker in a "liver" block on an LPS grid: each a ball inside the liver with its
+    centre in the asked world z range, nothing outside the liver moves, the labels are copied as they are;
+    lesions too large for the liver are a one-line error with nothing written."""
+    ll = _load("add_liver_lesions")
+    from scipy import ndimage
+    rng = np.random.default_rng(0)
+    arr = np.full((30, 30, 40), -1000.0)
+    arr[2:28, 3:27, 2:30] = 100 + rng.normal(0, 10, (26, 24, 28))        # "liver", portal-venous
+    arr[2:28, 3:27, 32:38] = 60                                          # "kidney"
+    lab = np.zeros(arr.shape, np.uint8)
+    lab[2:28, 3:27, 2:30], lab[2:28, 3:27, 32:38] = 1, 2
+    img, lim = sitk.GetImageFromArray(np.round(arr).astype(np.int16)), sitk.GetImageFromArray(lab)
+    img.SetSpacing((2.0, 2.0, 3.0))
+    img.SetOrigin((10.0, 20.0, 300.0))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    lim.CopyInformation(img)
+    _write_dataset(tmp_path / "src", "c1", img, lim, {"background": 0, "liver": 1, "kidney_left": 2}, "CT")
+    assert ll.main([str(tmp_path / "src"), str(tmp_path / "out"), "--count", "3", "--diameter-mm", "8", "12",
+                    "--z-mm", "330", "360", "--blur-mm", "0"]) == 0
+    assert "3 lesions" in capsys.readouterr().out
+    b, a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "imagesTr" / "c1_0000.nii.gz"))).astype(float), np.round(arr)
+    moved = b != a
+    assert np.all(b[moved] - a[moved] == -50) and np.all(lab[moved] == 1)          # inside the liver only
+    parts, n = ndimage.label(moved)
+    assert n == 3
+    for k in range(1, n + 1):
+        zz, yy, xx = np.nonzero(parts == k)
+        extent = [(v.max() - v.min() + 1) * s for v, s in ((zz, 3.0), (yy, 2.0), (xx, 2.0))]
+        assert all(4 <= e <= 14 for e in extent)                                       # balls of 8-12 mm
+        z_world = 300.0 + zz.mean() * 3.0
+        assert 330 - 3 <= z_world <= 360 + 3
+    copied = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "labelsTr" / "c1.nii.gz")))
+    assert np.array_equal(copied, lab)
+    assert ll.main([str(tmp_path / "src"), str(tmp_path / "bad"), "--diameter-mm", "60", "70"]) == 2
+    err = capsys.readouterr().err
+    assert "no room" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
