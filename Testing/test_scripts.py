@@ -1,7 +1,7 @@
 """The dataset helpers behind the robustness evaluations (scripts/crop_dataset_fov.py,
 scripts/resample_dataset.py, scripts/scale_dataset_body.py, scripts/deform_dataset_anatomy.py,
 scripts/enhance_dataset_contrast.py, scripts/paint_ct_from_labels.py, scripts/add_body_fat.py,
-scripts/set_structure_density.py, scripts/add_oral_contrast.py, scripts/add_liver_lesions.py):
+scripts/set_structure_density.py, scripts/add_oral_contrast.py, scripts/add_liver_lesions.py, scripts/plot_dataset_slices.py):
 the world geometry must survive, or a held-out slab would move; and the consensus-rule scorer."""
 from __future__ import annotations
 
@@ -608,3 +608,32 @@ def test_liver_lesions_are_darker_balls_inside_the_liver_within_the_z_range_and_
     assert ll.main([str(tmp_path / "src"), str(tmp_path / "bad"), "--diameter-mm", "60", "70"]) == 2
     err = capsys.readouterr().err
     assert "no room" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1)])
+def test_slice_picture_shows_the_patient_s_right_on_the_left_and_the_front_up(tmp_path, direction, capsys):
+    """A block on the patient's right and front, stored LPS or RAS: in the picture's array it lies in the
+    left columns and the top rows either way; the picture is written; an unknown label is a one-line error."""
+    ps = _load("plot_dataset_slices")
+    img, _ = _image(direction)
+    xy = np.array([[img.TransformIndexToPhysicalPoint((i, j, 15))[:2] for i in range(24)] for j in range(20)])
+    mid = (xy.min((0, 1)) + xy.max((0, 1))) / 2
+    # LPS: the patient's right has the smaller x, the front the smaller y
+    arr = np.full((30, 20, 24), -1000, np.int16)
+    arr[10:20][:, (xy[..., 0] < mid[0] - 6) & (xy[..., 1] < mid[1] - 6)] = 60
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((3.0, 3.0, 3.0))
+    img.SetOrigin((40.0, -20.0, 100.0))
+    img.SetDirection(direction)
+    out = ps.axial_slice(img, 145.0)
+    rows, cols = np.nonzero(out > 0)
+    assert rows.size and rows.max() < out.shape[0] / 2 and cols.max() < out.shape[1] / 2
+    lab = sitk.GetImageFromArray((arr > 0).astype(np.uint8))
+    lab.CopyInformation(img)
+    _write_dataset(tmp_path / "d", "c1", img, lab, {"background": 0, "stomach": 1}, "CT")
+    png = tmp_path / "pic" / "slices.png"
+    assert ps.main(["--z-mm", "145", "--labels", "stomach", "-o", str(png), f"a={tmp_path / 'd'}", f"b={tmp_path / 'd'}"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ps.main(["--z-mm", "145", "--labels", "stomack", "-o", str(tmp_path / "bad.png"), f"a={tmp_path / 'd'}"]) == 2
+    err = capsys.readouterr().err
+    assert "stomack" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad.png").exists()

@@ -14,7 +14,10 @@
 # units (whole scan; docs/evaluation/ct-painted has its control and what it cannot show); and
 # (13) a real CT of another person: a contrast-enhanced PET/CT slab of the upper abdomen, 0.98 x 0.98 x 2 mm,
 # arms at the sides, from TotalSegmentator's test files on PyPI (scripts/make_petct_dataset.py fetches it with
-# pip; docs/evaluation/ct-other-person-petct), and (14) the same with its liver 40 HU darker (a fatty liver).
+# pip; docs/evaluation/ct-other-person-petct), and (14) the same with its liver 40 HU darker (a fatty liver);
+# (15) with positive oral contrast in the stomach, duodenum and small bowel (250 HU), (16) the same, also
+# contrast-enhanced (portal-venous), the commonest abdominal protocol, and (17) the PET/CT with oral contrast
+# (docs/evaluation/oral-contrast).
 # Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, the nine before the fatty liver, which takes 2.1 min more;
 # earlier runs took up to 35 min for eight, sharing the CPU).
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
@@ -26,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/generalisation}
 shift || true
-ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-body-fat-fov500 ct-painted-mr-person ct-other-person-petct ct-other-person-petct-fatty-liver"
+ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-body-fat-fov500 ct-painted-mr-person ct-other-person-petct ct-other-person-petct-fatty-liver ct-oral-contrast ct-portal-venous-oral ct-other-person-petct-oral"
 ONLY=${*:-$ALL}
 DATA=../shared/data/ct-abdomen
 CT=Resources/Models/progidiff-ct-abdomen
@@ -48,6 +51,10 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/ct-other-person-petct" ] || $PY scripts/make_petct_dataset.py "$RUNS/ct-other-person-petct" || true
 [ -d "$RUNS/ct-other-person-petct-fatty-liver" ] || [ ! -d "$RUNS/ct-other-person-petct" ] || \
     $PY scripts/enhance_dataset_contrast.py "$RUNS/ct-other-person-petct" "$RUNS/ct-other-person-petct-fatty-liver" --organ liver=-40
+[ -d "$RUNS/ct-oral-contrast" ] || $PY scripts/add_oral_contrast.py $DATA "$RUNS/ct-oral-contrast"
+[ -d "$RUNS/ct-portal-venous-oral" ] || $PY scripts/enhance_dataset_contrast.py "$RUNS/ct-oral-contrast" "$RUNS/ct-portal-venous-oral"
+[ -d "$RUNS/ct-other-person-petct-oral" ] || [ ! -d "$RUNS/ct-other-person-petct" ] || \
+    $PY scripts/add_oral_contrast.py "$RUNS/ct-other-person-petct" "$RUNS/ct-other-person-petct-oral"
 report_dir() { [ "$1" = ct-painted-mr-person ] && echo docs/evaluation/ct-painted/mr-person || echo "docs/evaluation/$1"; }
 for v in $ONLY; do
   [ "$v" = - ] && continue
@@ -83,7 +90,10 @@ done
   echo "The row after it is a real CT of another person, the only one here: the low-dose CT of a PET/CT (another scanner, 0.98 × 0.98 mm, 2 mm apart,"
   echo "contrast-enhanced, arms at the sides), 40 mm of upper abdomen without kidneys or gallbladder, whole slab, labels TotalSegmentator predictions"
   echo "(\`scripts/make_petct_dataset.py\`; [ct-other-person-petct](ct-other-person-petct/README.md) has three seeds and what it cannot show);"
-  echo "the last row is that scan with its liver 40 HU darker, a fatty liver as the training person's row above makes it."
+  echo "the row after it is that scan with its liver 40 HU darker, a fatty liver as the training person's row above makes it."
+  echo "The last three rows have positive oral contrast (250 HU with the scan's grain) in the lumen of the stomach, duodenum and small bowel,"
+  echo "deeper than a 3 mm wall, gas left as it is (\`scripts/add_oral_contrast.py\`; [oral-contrast](oral-contrast/README.md)): the held-out slab"
+  echo "unenhanced, the same contrast-enhanced as above (oral and IV contrast, the commonest abdominal protocol), and the PET/CT."
   for m in ranked_first consensus baseline; do
     echo; echo "## ${m/_/-} Dice"; echo
     $PY scripts/compare_reports.py --metric $m "as shipped=docs/evaluation/ct-abdomen" "upper-abdomen field of view=docs/evaluation/ct-upper-fov" \
@@ -95,6 +105,8 @@ done
       "40 mm more fat, 500 mm field of view (432 mm window)=docs/evaluation/ct-body-fat-fov500" \
       "another person's anatomy, painted as CT (whole scan)=docs/evaluation/ct-painted/mr-person" \
       "another person, a real PET/CT (upper abdomen, whole slab)=docs/evaluation/ct-other-person-petct" \
-      "the same, fatty liver (40 HU darker)=docs/evaluation/ct-other-person-petct-fatty-liver"
+      "the same, fatty liver (40 HU darker)=docs/evaluation/ct-other-person-petct-fatty-liver" \
+      "oral contrast=docs/evaluation/ct-oral-contrast" "oral + IV contrast (portal-venous)=docs/evaluation/ct-portal-venous-oral" \
+      "the PET/CT person, oral contrast=docs/evaluation/ct-other-person-petct-oral"
   done
 } > docs/evaluation/ct-generalisation.md
