@@ -337,10 +337,58 @@ def test_fatty_liver_darkens_the_liver_alone_and_leaves_labels_and_other_draws_a
     assert SliceDataset(cases, organs, 1, length=4, seed=5, fatty_liver=1.0, augment=False).fatty_liver == 0.0
 
 
+def test_liver_lesions_are_darker_balls_inside_the_liver_only():
+    """liver_lesion_gain: 1 to 6 balls, each of one density in the drawn range, nowhere outside the liver,
+    none wider than the largest diameter; no liver in the stack, no gain."""
+    from progidiff.data import LESION_COUNT, LESION_DIAMETER_MM, LESION_HU, liver_lesion_gain
+    from scipy import ndimage
+
+    liver = np.zeros((3, 64, 64), bool)
+    liver[:, 8:56, 6:46] = True
+    for seed in range(20):
+        g = liver_lesion_gain({"liver": liver, "kidney_left": ~liver}, np.random.default_rng(seed), (6.0, 6.0, 5.0))
+        assert np.all(g[~liver] == 0) and g.min() >= LESION_HU[0] and g.max() <= 0
+        values = set(np.unique(g[g < 0]).tolist())
+        assert 1 <= len(values) <= LESION_COUNT[1]
+        parts, n = ndimage.label(g < 0)
+        for k in range(1, n + 1):
+            _, yy, xx = np.nonzero(parts == k)
+            # a ball 40 mm across at most; two touching balls, 80 mm
+            assert (yy.max() - yy.min() + 1) * 6.0 <= 2 * LESION_DIAMETER_MM[1] + 6
+    assert liver_lesion_gain({"kidney_left": liver}, np.random.default_rng(0), (6.0, 6.0, 5.0)) is None
+
+
+def test_liver_lesions_darken_only_the_liver_and_leave_labels_and_draws_alone(tiny_dataset):
+    """--liver-lesions 1: every CT liver slice holds darker spots inside the liver (the labels unchanged:
+    a lesion is liver), the draws are the run's without it, and the kidney far from the liver keeps its grey."""
+    from progidiff.data import SliceDataset, prepare_case, read_dataset
+    from progidiff.prompts import Vocabulary
+    from progidiff.volume import GridSpec
+
+    info, organs = read_dataset(tiny_dataset), ("liver", "kidney_left")
+    cases = [prepare_case(e, info.labels, Vocabulary.load(), GridSpec((6.0, 6.0, 5.0), (64, 64)), organs, "CT")
+             for e in info.cases]
+    plain = SliceDataset(cases, organs, 1, length=24, seed=5, augment=True)
+    spotted = SliceDataset(cases, organs, 1, length=24, seed=5, liver_lesions=1.0)
+    darker = 0
+    for i in range(24):
+        a, b = plain[i], spotted[i]
+        assert torch.equal(a["label"], b["label"]) and a["organ"] == b["organ"] and a["phrase"] == b["phrase"]
+        if organs[a["organ"]] == "liver" and a["label"].sum() > 20:
+            diff = a["image"][1] - b["image"][1]
+            darker += int(diff.max() > 10 / 500)
+            assert diff.min() > -1e-3                       # nothing made brighter
+        if organs[a["organ"]] == "kidney_left" and a["label"].sum() > 5:
+            inside = a["label"][0] > 0
+            assert float((a["image"][1][inside] - b["image"][1][inside]).abs().max()) < 1e-3
+    assert darker >= 3
+    assert SliceDataset(cases, organs, 1, length=4, seed=5, liver_lesions=1.0, augment=False).liver_lesions == 0.0
+
+
 def test_contrast_phase_and_fatty_liver_out_of_range_are_one_line_errors(tmp_path, tiny_dataset, capsys):
     from progidiff.cli import main
 
-    for flag in ("--contrast-phase", "--fatty-liver"):
+    for flag in ("--contrast-phase", "--fatty-liver", "--liver-lesions"):
         rc = main(["train", str(tiny_dataset), "-o", str(tmp_path / "m"), flag, "1.5"])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.count("\n") == 0 and flag in err

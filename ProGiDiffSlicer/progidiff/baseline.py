@@ -63,7 +63,8 @@ def train_baseline(cfg, cases, slabs: dict, t0: float, progress: bool = True, he
     steps = cfg.stage1_steps + cfg.stage2_steps
     ds = SliceDataset(cases, organs, cfg.context, length=steps * cfg.batch_size * accelerator.num_processes,
                       seed=cfg.seed * 1000 + 7, exclude_z=slabs, multilabel=True, body_scale=tuple(cfg.body_scale),
-                      contrast_phase=cfg.contrast_phase, fatty_liver=cfg.fatty_liver)
+                      contrast_phase=cfg.contrast_phase, fatty_liver=cfg.fatty_liver,
+                      liver_lesions=cfg.liver_lesions)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                          worker_init_fn=ignore_interrupts_in_worker)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)

@@ -127,6 +127,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="share of CT training slices (0-1) whose liver is made fatty, 10 to 60 HU darker, from "
                         "their labels (default 0): steatosis, in about a quarter of adults, takes an unenhanced "
                         "liver under the spleen")
+    p.add_argument("--liver-lesions", type=float, default=d.liver_lesions, metavar="SHARE",
+                   help="share of CT training slices (0-1) given 1 to 6 round liver lesions, 8-40 mm across and 20 "
+                        "to 80 HU darker than the liver, from their labels (default 0): metastases, which the shipped "
+                        "model cuts the liver along")
     p.add_argument("--baseline", choices=["unet"],
                    help="train the deterministic MONAI UNet baseline instead (same data, transforms and budget); "
                         "name its folder MODEL-baseline-unet so that evaluate finds it beside MODEL")
@@ -159,7 +163,8 @@ def _run_train(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       holdout_case_names=_held_out_cases_from(a.holdout_like) if a.holdout_like else None,
                       stage1_data=a.stage1_data, anatomical_guidance=a.anatomical_guidance, baseline=a.baseline,
                       dice_loss=a.dice_loss, init_from=a.init_from, body_scale=tuple(a.body_scale),
-                      contrast_phase=a.contrast_phase, fatty_liver=a.fatty_liver)
+                      contrast_phase=a.contrast_phase, fatty_liver=a.fatty_liver,
+                      liver_lesions=a.liver_lesions)
     from accelerate import PartialState  # the state train() sets up: under accelerate launch, say things once
 
     from .interrupts import stop_on_signals

@@ -73,6 +73,8 @@ class TrainConfig:
     contrast_phase: float = 0.0
     #: Share of CT training slices whose liver is made fatty, from their labels (data.fatty_liver_gain).
     fatty_liver: float = 0.0
+    #: Share of CT training slices given focal liver lesions, from their labels (data.liver_lesion_gain).
+    liver_lesions: float = 0.0
     #: "unet": train the deterministic MONAI UNet baseline instead (same data, transforms, budget).
     baseline: str | None = None
     resume: bool = False

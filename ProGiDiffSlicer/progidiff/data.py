@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -142,6 +143,37 @@ def fatty_liver_gain(masks: dict[str, np.ndarray], rng: np.random.Generator) -> 
     return masks["liver"].astype(np.float32) * np.float32(-rng.uniform(*FATTY_LIVER_HU))
 
 
+#: Focal liver lesion augmentation: lesions per slice stack (least, most), their diameters (mm) and their
+#: density against the liver around them (HU). Metastases, the commonest finding of oncological CT, read
+#: 20-70 HU below a portal-venous liver, cysts lower still. Trained without them, the shipped model cut a
+#: liver with five 10-30 mm lesions 50 HU darker along their line: Dice 0.730 on its held-out slab against
+#: 0.864 without them (docs/evaluation/liver-lesions).
+LESION_COUNT = (1, 6)
+LESION_DIAMETER_MM = (8.0, 40.0)
+LESION_HU = (-80.0, -20.0)
+
+
+def liver_lesion_gain(masks: dict[str, np.ndarray], rng: np.random.Generator,
+                      spacing_xyz: Sequence[float]) -> np.ndarray | None:
+    """Random round lesions in the liver as a gain (in HU) over ``masks``' grid (a stack of slices
+    ``spacing_xyz`` mm apart): balls centred on liver voxels, kept inside the liver, each with its own
+    density. The labels stay: a lesion is part of the liver, as reference masks count it."""
+    liver = masks.get("liver")
+    if liver is None or not liver.any():
+        return None
+    spacing = np.asarray(spacing_xyz, float)[::-1]                    # z, y, x as the stack is
+    where = np.flatnonzero(liver)
+    grid = [(np.arange(n) * s)[tuple(slice(None) if a == k else None for a in range(3))]
+            for k, (n, s) in enumerate(zip(liver.shape, spacing))]
+    gain = np.zeros(liver.shape, np.float32)
+    for _ in range(rng.integers(LESION_COUNT[0], LESION_COUNT[1] + 1)):
+        centre = np.array(np.unravel_index(where[rng.integers(where.size)], liver.shape)) * spacing
+        radius = rng.uniform(*LESION_DIAMETER_MM) / 2
+        ball = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius ** 2
+        gain[ball] = np.float32(rng.uniform(*LESION_HU))
+    return gain * liver
+
+
 #: Smooth elastic warp: probability, and the magnitude range of MONAI's Rand2DElastic (control points
 #: 16 px apart): tissue moves 7.8 mm on average on the 6 mm grid, up to 31 mm (measured over 40 draws).
 #: Twice as far (1.5-3.0) at probability 0.5 lowered the liver on another body and lost the stomach:
@@ -204,7 +236,7 @@ class SliceDataset(torch.utils.data.Dataset):
                  seed: int = 0, positive_fraction: float = 0.75, augment: bool = True,
                  exclude_z: dict[str, list[tuple[float, float]]] | None = None, multilabel: bool = False,
                  body_scale: tuple[float, float] = BODY_SCALE, contrast_phase: float = 0.0,
-                 fatty_liver: float = 0.0) -> None:
+                 fatty_liver: float = 0.0, liver_lesions: float = 0.0) -> None:
         self.cases = cases
         self.multilabel = multilabel
         self.organs = list(organs)
@@ -217,6 +249,8 @@ class SliceDataset(torch.utils.data.Dataset):
         self.contrast_phase = contrast_phase if augment else 0.0
         #: Share of CT slices whose liver is made fatty (fatty_liver_gain), from the case's labels.
         self.fatty_liver = fatty_liver if augment else 0.0
+        #: Share of CT slices given focal liver lesions (liver_lesion_gain), from the case's labels.
+        self.liver_lesions = liver_lesions if augment else 0.0
         self.stacks = [context_slices(c.image, context) for c in cases]
         self.allowed = [training_slices(c, exclude_z) for c in cases]
         #: For each organ, the cases whose training slices hold it. An item draws the organ first, then
@@ -233,12 +267,14 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def _changed(self, case: PreparedCase, z: int, stack: np.ndarray, seed: int) -> np.ndarray:
         """``stack`` (the slice and its neighbours, CT window in [0, 1]) given, each with its share of
-        the slices, a random contrast phase and a fatty liver, organ by organ from the labels. Each from
-        a random stream of its own: a run without one draws the rest as before."""
+        the slices, a random contrast phase, a fatty liver and liver lesions, organ by organ from the labels.
+        Each from a random stream of its own: a run without one draws the rest as before."""
         idx = np.clip(z + np.arange(-self.context, self.context + 1), 0, len(case.z_world) - 1)
         masks = {o: m[idx] for o, m in case.masks.items()}
+        lesions = partial(liver_lesion_gain, spacing_xyz=case.grid.GetSpacing())
         gains = []
-        for share, gain_of, stream in ((self.contrast_phase, contrast_gain, 1), (self.fatty_liver, fatty_liver_gain, 3)):
+        for share, gain_of, stream in ((self.contrast_phase, contrast_gain, 1), (self.fatty_liver, fatty_liver_gain, 3),
+                                       (self.liver_lesions, lesions, 4)):
             rng = np.random.default_rng([self.seed, seed, stream])
             if share > 0 and rng.random() < share and (gain := gain_of(masks, rng)) is not None:
                 gains.append(gain)
@@ -270,7 +306,7 @@ class SliceDataset(torch.utils.data.Dataset):
         else:
             label = mask3d[z][None].astype(np.float32)
         item = {"image": self.stacks[ci][z].copy(), "label": label}
-        if (self.contrast_phase > 0 or self.fatty_liver > 0) and case.modality == "CT":
+        if (self.contrast_phase > 0 or self.fatty_liver > 0 or self.liver_lesions > 0) and case.modality == "CT":
             item["image"] = self._changed(case, z, item["image"], i)
         if self.transform is not None:
             self.transform.set_random_state(seed=int(rng.integers(2**31)))

@@ -199,7 +199,8 @@ def check_config(cfg: TrainConfig, vocab: Vocabulary) -> None:
     if not 0.0 <= cfg.holdout_fraction < 1.0:
         raise InputError(f"--holdout-fraction is the share of each case's organ extent kept out of training, 0 to "
                          f"under 1; got {cfg.holdout_fraction:g}.")
-    for flag, share in (("--contrast-phase", cfg.contrast_phase), ("--fatty-liver", cfg.fatty_liver)):
+    for flag, share in (("--contrast-phase", cfg.contrast_phase), ("--fatty-liver", cfg.fatty_liver),
+                        ("--liver-lesions", cfg.liver_lesions)):
         if not 0.0 <= share <= 1.0:
             raise InputError(f"{flag} is a share of the slices, 0 to 1; got {share:g}.")
     lo, hi = cfg.body_scale
@@ -323,7 +324,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                           seed=cfg.seed * 1000 + stage, exclude_z=slabs,
                           positive_fraction=0.0 if stage == 1 and cfg.stage1_data == "images" else 0.75,
                           body_scale=tuple(cfg.body_scale), contrast_phase=cfg.contrast_phase,
-                          fatty_liver=cfg.fatty_liver)
+                          fatty_liver=cfg.fatty_liver, liver_lesions=cfg.liver_lesions)
         # A resumed stage goes on with the items after the ones it trained on (item i is fixed by (seed, i)).
         todo = range(start * cfg.batch_size * accelerator.num_processes, len(ds))
         loader = torch.utils.data.DataLoader(
