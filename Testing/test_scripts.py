@@ -634,6 +634,11 @@ def test_slice_picture_shows_the_patient_s_right_on_the_left_and_the_front_up(tm
     png = tmp_path / "pic" / "slices.png"
     assert ps.main(["--z-mm", "145", "--labels", "stomach", "-o", str(png), f"a={tmp_path / 'd'}", f"b={tmp_path / 'd'}"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sitk.WriteImage(lab, str(tmp_path / "proposal.nii.gz"))
+    assert ps.main([f"a={tmp_path / 'd'}", f"b={tmp_path / 'd'}", "--z-mm", "145", "-o", str(png),
+                    "--masks", f"2:proposal={tmp_path / 'proposal.nii.gz'}"]) == 0
+    assert ps.main([f"a={tmp_path / 'd'}", "--z-mm", "145", "-o", str(tmp_path / "bad.png"), "--masks", "proposal"]) == 2
+    assert "NAME=FILE" in capsys.readouterr().err
     assert ps.main(["--z-mm", "145", "--labels", "stomack", "-o", str(tmp_path / "bad.png"), f"a={tmp_path / 'd'}"]) == 2
     err = capsys.readouterr().err
     assert "stomack" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad.png").exists()

@@ -2,7 +2,8 @@
 """Picture the same axial slice of several copies of a dataset side by side (each presentation the
 robustness scripts make, beside the scan as acquired), with the reference outlines of the named labels:
 the patient's right on the left and the front up, as radiologists read, in the abdominal window
-(W400 L40). The slice is the one nearest --z-mm in world z, taken from each dataset's first case.
+(W400 L40), and optionally other masks (--masks: a proposal `progidiff segment` wrote, say). The slice is
+the one at --z-mm in world z, from each dataset's first case.
 
 example:
   python scripts/plot_dataset_slices.py --z-mm 353 --labels stomach duodenum inferior_vena_cava \\
@@ -21,6 +22,7 @@ import SimpleITK as sitk
 #: The abdominal window (W400 L40), HU.
 WINDOW = (-160.0, 240.0)
 COLOURS = ("tab:orange", "tab:green", "tab:cyan", "tab:pink", "tab:red", "tab:purple", "tab:olive", "tab:blue")
+MASK_COLOURS = ("cyan", "magenta", "yellow", "lime")
 
 
 def axial_slice(image: sitk.Image, z_mm: float, label: bool = False) -> np.ndarray:
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("datasets", nargs="+", metavar="TITLE=DATASET")
     p.add_argument("--z-mm", type=float, required=True, help="world z of the slice (mm)")
     p.add_argument("--labels", nargs="*", default=[], help="label names outlined (the first dataset's reference)")
+    p.add_argument("--masks", nargs="*", default=[], metavar="[PANEL:]NAME=FILE",
+                   help="other masks outlined (dashed), e.g. a proposal segment wrote: on every panel, or on "
+                        "panel PANEL (1, 2, ...) alone")
     p.add_argument("-o", "--output", required=True, help="the PNG written")
     a = p.parse_args(argv)
     import matplotlib
@@ -56,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"plot_dataset_slices: give each dataset as TITLE=DATASET, got {a.datasets}", file=sys.stderr)
         return 2
+    if any("=" not in m for m in a.masks):
+        print(f"plot_dataset_slices: give each mask as NAME=FILE, got {a.masks}", file=sys.stderr)
+        return 2
     first = panels[0][1]
     try:
         names = {k: int(v) for k, v in json.loads((first / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
@@ -65,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"no such label in {first}: {', '.join(missing)}")
         lab = axial_slice(sitk.ReadImage(str(label_file)), a.z_mm, label=True)
         case = label_file.name.split(".nii")[0]
+        extra = []
+        for m in a.masks:
+            name, f = m.split("=", 1)
+            panel, name = name.split(":", 1) if ":" in name and name.split(":", 1)[0].isdigit() else ("0", name)
+            extra.append((int(panel), name, axial_slice(sitk.ReadImage(f), a.z_mm, label=True) > 0))
         scans = [axial_slice(sitk.ReadImage(str(sorted((d / "imagesTr").glob(f"{case}_0000.nii*"))[0])), a.z_mm)
                  for _, d in panels]
     except (OSError, IndexError, KeyError, ValueError, RuntimeError) as e:
@@ -72,21 +85,26 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 4.2), squeeze=False)
-    for ax, (title, _), arr in zip(axes[0], panels, scans):
+    styles = dict(zip(dict.fromkeys(n for _, n, _ in extra), MASK_COLOURS))
+    for k, (ax, (title, _), arr) in enumerate(zip(axes[0], panels, scans), 1):
         ax.imshow(arr, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], origin="upper")
         for name, colour in zip(a.labels, COLOURS):
             if (lab == names[name]).any():
                 ax.contour(lab == names[name], levels=[0.5], colors=colour, linewidths=0.9)
+        for panel, name, mask in extra:
+            if panel in (0, k) and mask.any():
+                ax.contour(mask, levels=[0.5], colors=styles[name], linewidths=1.1, linestyles="--")
         ax.text(0.02, 0.95, "R", color="white", fontsize=9, transform=ax.transAxes, va="top")
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
     handles = [plt.Line2D([], [], color=c, label=n.replace("_", " ")) for n, c in zip(a.labels, COLOURS)]
+    handles += [plt.Line2D([], [], color=c, linestyle="--", label=n) for n, c in styles.items()]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, bbox_to_anchor=(0.5, 0.02))
     fig.suptitle(f"z = {a.z_mm:g} mm, {case} (outlines: the reference labels)", fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.1, wspace=0.03)
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.output, dpi=80, bbox_inches="tight")
+    fig.savefig(a.output, dpi=100, bbox_inches="tight")
     print(f"written to {a.output}")
     return 0
 
