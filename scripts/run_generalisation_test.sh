@@ -17,7 +17,8 @@
 # pip; docs/evaluation/ct-other-person-petct), and (14) the same with its liver 40 HU darker (a fatty liver);
 # (15) with positive oral contrast in the stomach, duodenum and small bowel (250 HU), (16) the same, also
 # contrast-enhanced (portal-venous), the commonest abdominal protocol, and (17) the PET/CT with oral contrast
-# (docs/evaluation/oral-contrast).
+# (docs/evaluation/oral-contrast); (18) contrast-enhanced with five round liver lesions 50 HU darker in the
+# held-out slab (metastases; docs/evaluation/liver-lesions).
 # Writes docs/evaluation/ct-generalisation.md and the reports beside it. 15.1 min on 2 CPU cores (2026-11-25, the nine before the fatty liver, which takes 2.1 min more;
 # earlier runs took up to 35 min for eight, sharing the CPU).
 # Usage: scripts/run_generalisation_test.sh [RUNS_DIR [PRESENTATION...]]
@@ -29,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/generalisation}
 shift || true
-ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-body-fat-fov500 ct-painted-mr-person ct-other-person-petct ct-other-person-petct-fatty-liver ct-oral-contrast ct-portal-venous-oral ct-other-person-petct-oral"
+ALL="ct-upper-fov ct-thick-noisy ct-body-slim ct-body-wide ct-anatomy-warped ct-thin-noisy ct-portal-venous ct-fatty-liver ct-body-fat ct-body-fat-fov500 ct-painted-mr-person ct-other-person-petct ct-other-person-petct-fatty-liver ct-oral-contrast ct-portal-venous-oral ct-other-person-petct-oral ct-portal-venous-liver-lesions"
 ONLY=${*:-$ALL}
 DATA=../shared/data/ct-abdomen
 CT=Resources/Models/progidiff-ct-abdomen
@@ -53,6 +54,8 @@ mkdir -p "$RUNS"
     $PY scripts/enhance_dataset_contrast.py "$RUNS/ct-other-person-petct" "$RUNS/ct-other-person-petct-fatty-liver" --organ liver=-40
 [ -d "$RUNS/ct-oral-contrast" ] || $PY scripts/add_oral_contrast.py $DATA "$RUNS/ct-oral-contrast"
 [ -d "$RUNS/ct-portal-venous-oral" ] || $PY scripts/enhance_dataset_contrast.py "$RUNS/ct-oral-contrast" "$RUNS/ct-portal-venous-oral"
+[ -d "$RUNS/ct-portal-venous-liver-lesions" ] || \
+    $PY scripts/add_liver_lesions.py "$RUNS/ct-portal-venous" "$RUNS/ct-portal-venous-liver-lesions" --z-mm 330 362
 [ -d "$RUNS/ct-other-person-petct-oral" ] || [ ! -d "$RUNS/ct-other-person-petct" ] || \
     $PY scripts/add_oral_contrast.py "$RUNS/ct-other-person-petct" "$RUNS/ct-other-person-petct-oral"
 report_dir() { [ "$1" = ct-painted-mr-person ] && echo docs/evaluation/ct-painted/mr-person || echo "docs/evaluation/$1"; }
@@ -94,6 +97,8 @@ done
   echo "The last three rows have positive oral contrast (250 HU with the scan's grain) in the lumen of the stomach, duodenum and small bowel,"
   echo "deeper than a 3 mm wall, gas left as it is (\`scripts/add_oral_contrast.py\`; [oral-contrast](oral-contrast/README.md)): the held-out slab"
   echo "unenhanced, the same contrast-enhanced as above (oral and IV contrast, the commonest abdominal protocol), and the PET/CT."
+  echo "The very last row is the contrast-enhanced slab with five round liver lesions, 10-30 mm, 50 HU darker than the liver"
+  echo "(metastases; \`scripts/add_liver_lesions.py --z-mm 330 362\`, the labels unchanged; [liver-lesions](liver-lesions/README.md))."
   for m in ranked_first consensus baseline; do
     echo; echo "## ${m/_/-} Dice"; echo
     $PY scripts/compare_reports.py --metric $m "as shipped=docs/evaluation/ct-abdomen" "upper-abdomen field of view=docs/evaluation/ct-upper-fov" \
@@ -107,6 +112,7 @@ done
       "another person, a real PET/CT (upper abdomen, whole slab)=docs/evaluation/ct-other-person-petct" \
       "the same, fatty liver (40 HU darker)=docs/evaluation/ct-other-person-petct-fatty-liver" \
       "oral contrast=docs/evaluation/ct-oral-contrast" "oral + IV contrast (portal-venous)=docs/evaluation/ct-portal-venous-oral" \
-      "the PET/CT person, oral contrast=docs/evaluation/ct-other-person-petct-oral"
+      "the PET/CT person, oral contrast=docs/evaluation/ct-other-person-petct-oral" \
+      "contrast-enhanced, five liver lesions=docs/evaluation/ct-portal-venous-liver-lesions"
   done
 } > docs/evaluation/ct-generalisation.md
