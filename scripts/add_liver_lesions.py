@@ -12,7 +12,6 @@ example:
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset_json, copy_parser  # noqa: E402
+from dataset_copy import case_files, copy_dataset_json, copy_parser, open_copy  # noqa: E402
 
 
 def place(organ: np.ndarray, spacing_zyx: np.ndarray, z_mm: np.ndarray, count: int,
@@ -93,28 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blur-mm", type=float, default=1.5, help="Gaussian sigma of their border (mm; default 1.5)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    src, dst = Path(a.dataset), Path(a.output)
-    if not (src / "dataset.json").is_file():
-        print(f"add_liver_lesions: {src} is not a dataset (no dataset.json)", file=sys.stderr)
+    if (opened := open_copy(a, "add_liver_lesions")) is None:
         return 2
-    names = {k: int(v) for k, v in json.loads((src / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
+    src, dst, names = opened
     if a.organ not in names:
         print(f"add_liver_lesions: no such label in {src}: {a.organ}", file=sys.stderr)
-        return 2
-    if dst.exists() and any(dst.iterdir()):
-        print(f"add_liver_lesions: {dst} exists and is not empty; give a new folder", file=sys.stderr)
         return 2
     rng = np.random.default_rng(a.seed)
     written = []
     try:
-        for lf in sorted((src / "labelsTr").glob("*.nii*")):
-            case = lf.name.split(".nii")[0]
-            for im in sorted((src / "imagesTr").glob(f"{case}_0000.nii*")):
-                out, ds, ml = add_lesions(sitk.ReadImage(str(im)), sitk.ReadImage(str(lf)), names[a.organ], a.count,
-                                          tuple(a.diameter_mm), a.hu, a.blur_mm, a.z_mm, rng)
-                written.append((im.name, out, lf))
-                print(f"{case}: {len(ds)} lesions of {', '.join(f'{d:.0f}' for d in ds)} mm ({ml:.1f} ml), "
-                      f"{a.hu:+g} HU, in the {a.organ}")
+        for case, im, lf in case_files(src):
+            out, ds, ml = add_lesions(sitk.ReadImage(str(im)), sitk.ReadImage(str(lf)), names[a.organ], a.count,
+                                      tuple(a.diameter_mm), a.hu, a.blur_mm, a.z_mm, rng)
+            written.append((im.name, out, lf))
+            print(f"{case}: {len(ds)} lesions of {', '.join(f'{d:.0f}' for d in ds)} mm ({ml:.1f} ml), "
+                  f"{a.hu:+g} HU, in the {a.organ}")
     except ValueError as e:                        # nothing is written when any scan has no room
         print(f"add_liver_lesions: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,6 @@ example:
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset_json, copy_parser  # noqa: E402
+from dataset_copy import case_files, copy_dataset_json, copy_parser, open_copy  # noqa: E402
 
 #: The upper gastrointestinal tract, which oral contrast given an hour before the scan fills first.
 UPPER_GI = ("stomach", "duodenum", "small_bowel")
@@ -77,29 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wall-mm", type=float, default=3.0, help="the wall left as it is (mm; default 3)")
     p.add_argument("--blur-mm", type=float, default=1.0, help="Gaussian sigma of the change at its border (mm)")
     a = p.parse_args(argv)
-    src, dst = Path(a.dataset), Path(a.output)
-    if not (src / "dataset.json").is_file():
-        print(f"add_oral_contrast: {src} is not a dataset (no dataset.json)", file=sys.stderr)
+    if (opened := open_copy(a, "add_oral_contrast")) is None:
         return 2
-    names = {k: int(v) for k, v in json.loads((src / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
+    src, dst, names = opened
     structures = a.structures or [s for s in UPPER_GI if s in names]
     unknown = sorted(set(structures) - set(names))
     if unknown or not structures:
         print(f"add_oral_contrast: no such label in {src}: {', '.join(unknown or UPPER_GI)}", file=sys.stderr)
         return 2
-    if dst.exists() and any(dst.iterdir()):
-        print(f"add_oral_contrast: {dst} exists and is not empty; give a new folder", file=sys.stderr)
-        return 2
     values = [names[s] for s in structures]
     (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
     (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
-    for lf in sorted((src / "labelsTr").glob("*.nii*")):
-        case = lf.name.split(".nii")[0]
-        for im in sorted((src / "imagesTr").glob(f"{case}_0000.nii*")):
-            out, ml = fill(sitk.ReadImage(str(im)), sitk.ReadImage(str(lf)), values, a.hu, a.wall_mm, a.blur_mm)
-            sitk.WriteImage(out, str(dst / "imagesTr" / im.name))
-            print(f"{case}: {ml:.0f} ml of {', '.join(structures)} filled at {a.hu:g} HU")
+    for case, im, lf in case_files(src):
+        out, ml = fill(sitk.ReadImage(str(im)), sitk.ReadImage(str(lf)), values, a.hu, a.wall_mm, a.blur_mm)
+        sitk.WriteImage(out, str(dst / "imagesTr" / im.name))
         shutil.copy(lf, dst / "labelsTr" / lf.name)
+        print(f"{case}: {ml:.0f} ml of {', '.join(structures)} filled at {a.hu:g} HU")
     copy_dataset_json(src, dst)
     print(f"dataset with oral contrast written to {dst}")
     return 0

@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import SimpleITK as sitk
 
@@ -42,3 +42,30 @@ def copy_dataset_json(src: Path, dst: Path) -> None:
     meta["description"] = (f"{meta.get('description', src.name)}. This copy was made by `{made_by}`: "
                            "not the scan as acquired")
     (dst / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def label_values(src: Path) -> dict[str, int]:
+    """``dataset.json``'s label names and their values."""
+    labels = json.loads((src / "dataset.json").read_text(encoding="utf-8"))["labels"]
+    return {k: int(v) for k, v in labels.items()}
+
+
+def case_files(src: Path) -> Iterator[tuple[str, Path, Path]]:
+    """(case, scan, label map) of each labelled case of ``src``, its first channel's scan."""
+    for lf in sorted((src / "labelsTr").glob("*.nii*")):
+        case = lf.name.split(".nii")[0]
+        for im in sorted((src / "imagesTr").glob(f"{case}_0000.nii*")):
+            yield case, im, lf
+
+
+def open_copy(a: argparse.Namespace, prog: str) -> tuple[Path, Path, dict[str, int]] | None:
+    """The source and output folders of ``a`` (copy_parser's) and the source's label values; None after a
+    one-line error where the source has no dataset.json or the output folder already holds something."""
+    src, dst = Path(a.dataset), Path(a.output)
+    if not (src / "dataset.json").is_file():
+        print(f"{prog}: {src} is not a dataset (no dataset.json)", file=sys.stderr)
+        return None
+    if dst.exists() and any(dst.iterdir()):
+        print(f"{prog}: {dst} exists and is not empty; give a new folder", file=sys.stderr)
+        return None
+    return src, dst, label_values(src)
