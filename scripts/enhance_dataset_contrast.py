@@ -15,7 +15,6 @@ examples:
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import SimpleITK as sitk
 from progidiff.data import CONTRAST_GAIN_HU
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_copy import copy_dataset_json, copy_parser  # noqa: E402
+from dataset_copy import case_files, copy_dataset_json, copy_parser, label_values  # noqa: E402
 
 #: HU gained over the unenhanced scan in a portal-venous phase (about 70 s after injection), typical
 #: adult values: the organs the engine's contrast-phase augmentation enhances (vessels 90-120,
@@ -71,18 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (src / "dataset.json").is_file():
         print(f"enhance_dataset_contrast: {src} is not a dataset (no dataset.json)", file=sys.stderr)
         return 2
-    names = {k: int(v) for k, v in json.loads((src / "dataset.json").read_text(encoding="utf-8"))["labels"].items()}
+    names = label_values(src)
     unknown = sorted(set(gains) - set(names))
     if a.organ and unknown:
         print(f"enhance_dataset_contrast: no such label in {src}: {', '.join(unknown)}", file=sys.stderr)
         return 2
     (dst / "imagesTr").mkdir(parents=True, exist_ok=True)
     (dst / "labelsTr").mkdir(parents=True, exist_ok=True)
-    for lf in sorted((src / "labelsTr").glob("*.nii*")):
-        case = lf.name.split(".nii")[0]
-        for im in sorted((src / "imagesTr").glob(f"{case}_0000.nii*")):
-            image, label = sitk.ReadImage(str(im)), sitk.ReadImage(str(lf))
-            sitk.WriteImage(enhance(image, label, names, a.blur_mm, a.scale, gains), str(dst / "imagesTr" / im.name))
+    for _, im, lf in case_files(src):
+        image, label = sitk.ReadImage(str(im)), sitk.ReadImage(str(lf))
+        sitk.WriteImage(enhance(image, label, names, a.blur_mm, a.scale, gains), str(dst / "imagesTr" / im.name))
         shutil.copy(lf, dst / "labelsTr" / lf.name)
     copy_dataset_json(src, dst)
     print(f"{'changed' if a.organ else 'contrast-enhanced'} dataset written to {dst}")
